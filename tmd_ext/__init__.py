@@ -1,0 +1,58 @@
+"""tmd_ext: fused C++/CUDA/CUTLASS ops for Transition Matching Distillation.
+
+The compiled library `tmd_ext._C` registers the ops in the `tmd` namespace (`torch.ops.tmd.*`)
+with CPU and CUDA kernels; this package registers their autograd and fake (meta) kernels and
+exposes them as plain functions with argument checks:
+
+* :func:`adaln_modulate` — ``LN(x)·(1+scale)+shift``
+* :func:`gated_fusion` — ``m + sigmoid(alpha)·gate ⊙ (z - m)``
+* :func:`gated_fusion_linear` — the same with ``z = x·Wᵀ + b`` fused into the GEMM epilogue on sm_90a
+* :func:`flow_step` — ``y - (s-r)·(y1 - head_out)``
+
+:mod:`tmd_ext.reference` holds a pure-PyTorch version of each (the ground truth of the tests).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _build_meta
+except ImportError as e:  # not built yet
+    raise ImportError(
+        "tmd_ext is not built: run `pip install -e . --no-build-isolation` (or `make test`) in the "
+        "repository root first"
+    ) from e
+
+if torch.__version__ != _build_meta.TORCH_VERSION:
+    raise ImportError(
+        f"tmd_ext was built against torch {_build_meta.TORCH_VERSION} but torch {torch.__version__} "
+        "is installed; rebuild it with `pip install -e . --no-build-isolation`"
+    )
+
+try:
+    from . import _C
+except ImportError as e:
+    raise ImportError(
+        f"tmd_ext._C failed to load ({e}); it was built against torch {_build_meta.TORCH_VERSION}, "
+        f"torch {torch.__version__} is installed — rebuild with `pip install -e . --no-build-isolation`"
+    ) from e
+
+from . import reference  # noqa: E402
+
+from .ops.flow_step import flow_step  # noqa: E402
+
+OPS = ("flow_step",)
+
+
+def build_info() -> dict:
+    """What the compiled library was built with: ``torch_version`` (built against),
+    ``cuda_compiled`` (bool), ``cuda_version``, ``cuda_archs`` (TORCH_CUDA_ARCH_LIST used),
+    ``cutlass_version``, ``cutlass_sm90`` (the CUTLASS WGMMA kernels were compiled, i.e. 9.0a is
+    among the archs) and ``cxx``."""
+    info = dict(_C.build_info())
+    archs = info["cuda_archs"].replace(",", ";").replace(" ", ";").split(";")
+    info["cutlass_sm90"] = bool(info["cuda_compiled"]) and "9.0a" in archs
+    return info
+
+
+__all__ = ["flow_step", "build_info", "reference", "OPS"]

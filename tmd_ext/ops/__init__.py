@@ -1,0 +1,1 @@
+"""Autograd and fake (meta) registrations of the `tmd` ops, one module per op."""

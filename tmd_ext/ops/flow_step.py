@@ -1,0 +1,67 @@
+"""`flow_step`: one inner-flow step ``y_r = y_s - (s-r)·(y1 - head_out)`` (DESIGN.md §1, the sign
+fixed: for a constant velocity field the step is exact)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+
+
+def _check(y, head_out, y1, s, r) -> None:
+    _checks.tensor(y, "y")
+    _checks.tensor(head_out, "head_out")
+    _checks.tensor(y1, "y1")
+    _checks.tensor(s, "s", _checks.TIME_DTYPES)
+    _checks.tensor(r, "r", _checks.TIME_DTYPES)
+    _checks.same_dtype(head_out, "head_out", y, "y")
+    _checks.same_dtype(y1, "y1", y, "y")
+    for t, n in ((head_out, "head_out"), (y1, "y1"), (s, "s"), (r, "r")):
+        _checks.same_device(t, n, y, "y")
+    if y.dim() < 1:
+        raise ValueError("y must be [B, ...] with at least 1 dimension, got a 0-d tensor")
+    _checks.nonempty(y, "y")
+    _checks.shape(head_out, y.shape, "head_out")
+    _checks.shape(y1, y.shape, "y1")
+    _checks.shape(s, (y.shape[0],), "s")
+    _checks.shape(r, (y.shape[0],), "r")
+
+
+def flow_step(y: torch.Tensor, head_out: torch.Tensor, y1: torch.Tensor, s: torch.Tensor,
+              r: torch.Tensor) -> torch.Tensor:
+    """``y - (s-r)[:, None, ...]·(y1 - head_out)``.
+
+    Args:
+        y, head_out, y1: ``[B, ...]`` (latents are ``[B, C, F, H, W]``), one dtype among fp32,
+            bf16, fp16, fp64. Non-contiguous inputs are accepted (read through a contiguous copy).
+        s, r: ``[B]`` per-sample times, float32 or float64.
+    Returns:
+        ``[B, ...]`` in the dtype of ``y``; arithmetic in fp32 (fp64 for fp64 inputs).
+    Gradients flow to ``y``, ``head_out`` and ``y1`` (not to the times).
+    """
+    _check(y, head_out, y1, s, r)
+    return torch.ops.tmd.flow_step(y, head_out, y1, s, r)
+
+
+@torch.library.register_fake("tmd::flow_step")
+def _(y, head_out, y1, s, r):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("tmd::flow_step_backward")
+def _(grad_out, s, r):
+    g = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
+    return g, torch.empty_like(g)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, _, s, r = inputs
+    ctx.save_for_backward(s, r)
+
+
+def _backward(ctx, grad_out):
+    s, r = ctx.saved_tensors
+    grad_head_out, grad_y1 = torch.ops.tmd.flow_step_backward(grad_out, s, r)
+    return grad_out, grad_head_out, grad_y1, None, None
+
+
+torch.library.register_autograd("tmd::flow_step", _backward, setup_context=_setup_context)

@@ -1,0 +1,52 @@
+"""Pure-PyTorch references of the `tmd` ops: the ground truth of the tests and the "eager"
+provider of the benchmarks. Same contracts as the ops (DESIGN.md §3): arithmetic in fp32 (fp64
+for fp64 inputs), output in the input dtype."""
+from __future__ import annotations
+
+import torch
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, ..., 1] broadcastable against `like`."""
+    return t.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def flow_step(y, head_out, y1, s, r):
+    """``y - (s-r)·(y1 - head_out)`` with per-sample ``s, r`` [B]."""
+    acc = _acc(y.dtype)
+    c = _per_sample((s.double() - r.double()).to(acc), y)
+    return (y.to(acc) - c * (y1.to(acc) - head_out.to(acc))).to(y.dtype)
+
+
+def adaln_modulate(x, shift, scale, eps: float = 1e-6):
+    """``LayerNorm_noaffine(x)·(1 + scale[:, None]) + shift[:, None]``; x [B,T,D], shift/scale [B,D]."""
+    acc = _acc(x.dtype)
+    xf = x.to(acc)
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)
+    xhat = (xf - mean) * torch.rsqrt(var + eps)
+    return (xhat * (1 + scale.to(acc)[:, None, :]) + shift.to(acc)[:, None, :]).to(x.dtype)
+
+
+def gated_fusion(m, z, gate, alpha):
+    """``m + λ⊙(z - m)``, ``λ = sigmoid(alpha)·gate[:, None, :]``; m, z [B,T,D], gate [B,D], alpha 0-d."""
+    acc = _acc(m.dtype)
+    lam = torch.sigmoid(alpha.to(acc)) * gate.to(acc)[:, None, :]
+    mf = m.to(acc)
+    return (mf + lam * (z.to(acc) - mf)).to(m.dtype)
+
+
+def gated_fusion_linear(m, x, weight, bias, gate, alpha):
+    """``gated_fusion(m, x·weightᵀ + bias, gate, alpha)``; x [B,T,K], weight [D,K], bias [D] or None.
+    The GEMM accumulates in fp32 (fp64 for fp64) and ``z`` is not rounded to the input dtype."""
+    acc = _acc(m.dtype)
+    z = x.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        z = z + bias.to(acc)
+    lam = torch.sigmoid(alpha.to(acc)) * gate.to(acc)[:, None, :]
+    mf = m.to(acc)
+    return (mf + lam * (z - mf)).to(m.dtype)
