@@ -84,7 +84,8 @@ def test_one_source_list():
 def test_cmake_configures_from_the_same_list(tmp_path):
     """CMake configures (CPU flavour, fast) and reports the sources it got from csrc/sources.py."""
     out = subprocess.run(
-        ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DTMD_WITH_CUDA=OFF", f"-DPython3_EXECUTABLE={sys.executable}"],
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DTMD_WITH_CUDA=OFF",
+         f"-DPython3_EXECUTABLE={sys.executable}"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
