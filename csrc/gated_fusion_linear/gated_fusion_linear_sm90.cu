@@ -1,0 +1,280 @@
+// The sm_90a CUTLASS path of gated_fusion_linear: one batched TMA + WGMMA GEMM (CUTLASS 3.x
+// CollectiveBuilder, warp-specialized cooperative persistent kernel) whose epilogue visitor tree
+// (EVT) applies the gated fusion, so z = x·Wᵀ + b never goes to memory:
+//   out[b,t,d] = m[b,t,d] + lam[b,d] * (acc[b,t,d] + bias[d] - m[b,t,d]),
+//   acc[b,t,d] = sum_k x[b,t,k] * weight[d,k]   (fp32 accumulation, fp32 epilogue math).
+//
+// GEMM mapping (CUTLASS names (M, N, K, L) = (T, D, K, B)):
+//   A = x       [T,K] per batch, K contiguous ("row-major A"),  batch stride T*K
+//   B = weight  [D,K], K contiguous ("column-major K×N B"),     batch stride 0 (static _0: the
+//               TMA descriptor of B drops the L mode, every batch reads the same weight)
+//   C = m       [T,D] per batch, D contiguous,                  batch stride T*D (the EVT source)
+//   D = out     like C
+//   lam  fp32 [B,D]  row broadcast with batch stride D
+//   bias [D]         row broadcast with batch stride 0 (a compile-time variant without it)
+// The batch is the L mode rather than folded into M so that a tile never straddles two batches
+// (lam depends on b; a partial last M tile of one batch is clipped by the TMA bounds of its own
+// batch instead of reading or writing the next one).
+//
+// Compiled only when the build targets sm_90a (setup.py defines TMD_CUTLASS_SM90 exactly when
+// TORCH_CUDA_ARCH_LIST holds 9.0a, the rule build_info() reports as `cutlass_sm90`). nvcc gives
+// the host pass no way to tell sm_90 from sm_90a (__CUDA_ARCH_LIST__ reads 900 for both), so the
+// host-side answer of gated_fusion_linear_sm90_compiled() has to come from the build. Inside such
+// a build, device passes for other archs (e.g. the 8.0 of "8.0;9.0a") still instantiate the
+// kernel template, whose body CUTLASS itself compiles only under __CUDA_ARCH_FEAT_SM90_ALL; the
+// host side never launches it on a device that is not compute capability 9.0.
+#include "gated_fusion_linear/gated_fusion_linear_sm90.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#if defined(TMD_CUTLASS_SM90)
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/kernel_hardware_info.h"
+
+#if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)  // nvcc >= 12: the SM90 collectives exist
+#define TMD_GFL_SM90_KERNELS 1
+#endif
+#endif
+
+#ifndef TMD_GFL_SM90_KERNELS
+#define TMD_GFL_SM90_KERNELS 0
+#endif
+
+namespace tmd {
+
+#if TMD_GFL_SM90_KERNELS
+namespace {
+
+using cute::_0;
+using cute::_1;
+using cute::_2;
+using cute::_64;
+using cute::_128;
+
+// CTA tile 128x128x64: one 64-deep K step of bf16/fp16 is a 128-byte row, the widest TMA/WGMMA
+// 128B swizzle; A+B take 32 KB per stage, leaving room for ~6 mainloop stages next to the
+// epilogue's C/D staging buffers in 227 KB of shared memory. The cooperative schedule splits it
+// over two consumer warpgroups (64x128 fp32 accumulators each, 64 registers/thread), leaving
+// registers for the EVT. With T = 32760 and D, K in {1536, 5120} there are thousands of tiles,
+// so the persistent scheduler keeps all SMs busy and the 128-wide N tile divides D exactly.
+using TileShape = cute::Shape<_128, _128, _64>;
+// Cluster 2x1: the two CTAs of a cluster work on vertically adjacent tiles of the same weight
+// columns, so the weight tile is loaded once and TMA-multicast to both (half the weight traffic
+// out of L2). The M-tile count per batch is rounded up to even: for T = 32760 it already is
+// (256 tiles); for a small odd count it costs one idle tile per batch.
+using ClusterShape = cute::Shape<_2, _1, _1>;
+using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+
+using LayoutA = cutlass::layout::RowMajor;                 // x: (M,K,L) strides (K, 1, T*K)
+using StrideB = cute::Stride<int64_t, _1, _0>;             // weight: (N,K,L) strides (K, 1, 0)
+using LayoutC = cutlass::layout::RowMajor;                 // m, out: (M,N,L) strides (D, 1, T*D)
+using StrideLam = cute::Stride<_0, _1, int64_t>;           // lam: (M,N,L) strides (0, 1, D)
+using StrideBias = cute::Stride<_0, _1, _0>;               // bias: (M,N,L) strides (0, 1, 0)
+
+template <typename Element, bool kHasBias>
+struct GatedFusionLinearGemm {
+  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+  static constexpr int kAlign = 16 / sizeof(Element);  // 16-byte TMA alignment, in elements
+
+  // Epilogue visitor tree (children first, node last; each Sm90EVT<Node, Children...>):
+  //   Lam  = lam[b, n]                                 fp32 row broadcast
+  //   Src  = m[b, t, n]                                the C tensor (loaded once by TMA, fetched
+  //                                                    by both Src leaves from registers)
+  //   Z    = acc + bias[n]   (or acc without bias)     fp32
+  //   Diff = Z - Src                                    fp32
+  //   Out  = Lam * Diff + Src                           fp32 FMA, rounded once to Element
+  using Lam = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, StrideLam>;
+  using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float, StrideBias>;
+  using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
+  using Src = cutlass::epilogue::fusion::Sm90SrcFetch<Element>;
+  using Z = std::conditional_t<
+      kHasBias,
+      cutlass::epilogue::fusion::Sm90EVT<
+          cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float, kRound>, Acc, Bias>,
+      Acc>;
+  using Diff = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::minus, float, float, kRound>, Z, Src>;
+  using Fusion = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, Element, float,
+                                             kRound>,
+      Lam, Diff, Src>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutC, kAlign,
+      Element, LayoutC, kAlign, EpilogueSchedule, Fusion>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element,
+      StrideB, kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>,
+                                                      CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static_assert(std::is_same_v<typename Kernel::StrideB, StrideB>);
+  static_assert(std::is_same_v<typename Kernel::StrideA, cute::Stride<int64_t, _1, int64_t>>);
+  static_assert(std::is_same_v<typename Kernel::StrideC, cute::Stride<int64_t, _1, int64_t>>);
+  static_assert(std::is_same_v<typename Kernel::StrideD, cute::Stride<int64_t, _1, int64_t>>);
+
+  static typename Fusion::Arguments fusion_arguments(const float* lam, const Element* bias,
+                                                     int64_t D) {
+    typename Fusion::Arguments args;  // {Lam, Diff, Src, FMA}
+    args.op_0 = {lam, 0.0f, StrideLam{_0{}, _1{}, D}};
+    if constexpr (kHasBias) {
+      args.op_1.op_0 = {{}, {bias, Element(0), StrideBias{}}, {}};  // Z = {Acc, Bias, plus}
+    }
+    return args;
+  }
+
+  static void run(const at::Tensor& m, const at::Tensor& x, const at::Tensor& weight,
+                  const at::Tensor* bias, const at::Tensor& lam, at::Tensor& out) {
+    const int64_t B = m.size(0), T = m.size(1), D = m.size(2), K = x.size(2);
+    const int device = m.get_device();
+
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;  // batched through the L extent
+    args.problem_shape = {static_cast<int>(T), static_cast<int>(D), static_cast<int>(K),
+                          static_cast<int>(B)};
+    args.mainloop.ptr_A = reinterpret_cast<const Element*>(x.const_data_ptr());
+    args.mainloop.dA = cute::make_stride(K, _1{}, T * K);
+    args.mainloop.ptr_B = reinterpret_cast<const Element*>(weight.const_data_ptr());
+    args.mainloop.dB = StrideB{K, _1{}, _0{}};
+    args.epilogue.thread = fusion_arguments(
+        lam.const_data_ptr<float>(),
+        kHasBias ? reinterpret_cast<const Element*>(bias->const_data_ptr()) : nullptr, D);
+    args.epilogue.ptr_C = reinterpret_cast<const Element*>(m.const_data_ptr());
+    args.epilogue.dC = cute::make_stride(D, _1{}, T * D);
+    args.epilogue.ptr_D = reinterpret_cast<Element*>(out.data_ptr());
+    args.epilogue.dD = cute::make_stride(D, _1{}, T * D);
+    args.hw_info.device_id = device;
+    args.hw_info.sm_count = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+
+    Gemm gemm;
+    cutlass::Status status = gemm.can_implement(args);
+    TORCH_CHECK(status == cutlass::Status::kSuccess,
+                "gated_fusion_linear (sm90 CUTLASS): can_implement rejected B=", B, " T=", T,
+                " D=", D, " K=", K, ": ", cutlass::cutlassGetStatusString(status));
+
+    const size_t workspace_bytes = Gemm::get_workspace_size(args);
+    at::Tensor workspace;
+    if (workspace_bytes > 0) {
+      workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, m.options().dtype(at::kByte));
+    }
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device).stream();
+    status = gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream);
+    TORCH_CHECK(status == cutlass::Status::kSuccess,
+                "gated_fusion_linear (sm90 CUTLASS): initialize failed: ",
+                cutlass::cutlassGetStatusString(status), " (", cudaGetErrorString(cudaGetLastError()),
+                ")");
+    status = gemm.run(stream);
+    TORCH_CHECK(status == cutlass::Status::kSuccess,
+                "gated_fusion_linear (sm90 CUTLASS): kernel launch failed: ",
+                cutlass::cutlassGetStatusString(status), " (", cudaGetErrorString(cudaGetLastError()),
+                ")");
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
+
+}  // namespace
+#endif  // TMD_GFL_SM90_KERNELS
+
+bool gated_fusion_linear_sm90_compiled() { return TMD_GFL_SM90_KERNELS != 0; }
+
+bool gated_fusion_linear_sm90(const at::Tensor& m, const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& lam,
+                              at::Tensor& out) {
+#if !TMD_GFL_SM90_KERNELS
+  (void)m, (void)x, (void)weight, (void)bias, (void)lam, (void)out;
+  return false;
+#else
+  const at::Tensor* b = bias.has_value() && bias->defined() ? &*bias : nullptr;
+
+  // The caller's contract (checked, not a fallback condition).
+  TORCH_CHECK(m.dim() == 3 && x.dim() == 3 && weight.dim() == 2 && lam.dim() == 2 &&
+                  out.dim() == 3,
+              "gated_fusion_linear_sm90: expected m [B,T,D], x [B,T,K], weight [D,K], lam [B,D], "
+              "out [B,T,D]; got m ", m.sizes(), ", x ", x.sizes(), ", weight ", weight.sizes(),
+              ", lam ", lam.sizes(), ", out ", out.sizes());
+  const int64_t B = m.size(0), T = m.size(1), D = m.size(2), K = x.size(2);
+  TORCH_CHECK(x.size(0) == B && x.size(1) == T && weight.size(0) == D && weight.size(1) == K &&
+                  lam.size(0) == B && lam.size(1) == D && out.sizes() == m.sizes() &&
+                  (b == nullptr || (b->dim() == 1 && b->size(0) == D)),
+              "gated_fusion_linear_sm90: inconsistent shapes: m ", m.sizes(), ", x ", x.sizes(),
+              ", weight ", weight.sizes(), ", bias ", b ? b->sizes() : at::IntArrayRef{}, ", lam ",
+              lam.sizes(), ", out ", out.sizes());
+  TORCH_CHECK(x.scalar_type() == m.scalar_type() && weight.scalar_type() == m.scalar_type() &&
+                  out.scalar_type() == m.scalar_type() &&
+                  (b == nullptr || b->scalar_type() == m.scalar_type()),
+              "gated_fusion_linear_sm90: x, weight, bias and out must have the dtype of m (",
+              m.scalar_type(), ")");
+  TORCH_CHECK(lam.scalar_type() == at::kFloat, "gated_fusion_linear_sm90: lam must be float32, got ",
+              lam.scalar_type());
+  TORCH_CHECK(m.is_cuda(), "gated_fusion_linear_sm90: m must be a CUDA tensor, got ", m.device());
+  for (const at::Tensor* t : {&x, &weight, &lam, static_cast<const at::Tensor*>(&out), b}) {
+    if (t != nullptr) {
+      TORCH_CHECK(t->device() == m.device(),
+                  "gated_fusion_linear_sm90: all tensors must be on the device of m (", m.device(),
+                  "), got one on ", t->device());
+    }
+  }
+  for (const at::Tensor* t : {&m, &x, &weight, &lam, static_cast<const at::Tensor*>(&out), b}) {
+    if (t != nullptr) {
+      TORCH_CHECK(t->is_contiguous(), "gated_fusion_linear_sm90: all tensors must be contiguous");
+    }
+  }
+
+  // Cases this kernel does not cover: the caller takes the cuBLAS + elementwise path.
+  const at::ScalarType dtype = m.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(m.get_device());
+  if (prop->major != 9 || prop->minor != 0) return false;
+  if (B < 1 || T < 1 || D < 1 || K < 1) return false;
+  if (!fits_int(B) || !fits_int(T) || !fits_int(D) || !fits_int(K)) return false;
+  if (K % 8 != 0 || D % 8 != 0) return false;  // 16-byte TMA rows of x, weight, m, out
+  for (const at::Tensor* t : {&m, &x, &weight, &lam, static_cast<const at::Tensor*>(&out), b}) {
+    if (t != nullptr && !aligned16(*t)) return false;
+  }
+
+  const c10::cuda::CUDAGuard guard(m.device());
+  if (dtype == at::kBFloat16) {
+    if (b != nullptr) {
+      GatedFusionLinearGemm<cutlass::bfloat16_t, true>::run(m, x, weight, b, lam, out);
+    } else {
+      GatedFusionLinearGemm<cutlass::bfloat16_t, false>::run(m, x, weight, nullptr, lam, out);
+    }
+  } else {
+    if (b != nullptr) {
+      GatedFusionLinearGemm<cutlass::half_t, true>::run(m, x, weight, b, lam, out);
+    } else {
+      GatedFusionLinearGemm<cutlass::half_t, false>::run(m, x, weight, nullptr, lam, out);
+    }
+  }
+  return true;
+#endif
+}
+
+}  // namespace tmd
