@@ -97,7 +97,7 @@ if USE_CUDA:
     macros.append(("TMD_WITH_CUDA", "1"))
     # The CUTLASS sm_90a (WGMMA) kernels are compiled in exactly when 9.0a is among the archs — the
     # rule of tmd_ext.build_info()["cutlass_sm90"]; nvcc's host pass cannot tell sm_90 from sm_90a.
-    if "9.0a" in ARCHS.replace(",", ";").replace(" ", ";").split(";"):
+    if "9.0a" in [a.removesuffix("+PTX") for a in ARCHS.replace(",", ";").replace(" ", ";").split(";")]:
         macros.append(("TMD_CUTLASS_SM90", "1"))
     include_dirs.append(CUTLASS_INC)
     include_dirs.append(os.path.join(os.path.dirname(CUTLASS_INC), "tools", "util", "include"))

@@ -49,7 +49,7 @@ def build_info() -> dict:
     ``cutlass_version``, ``cutlass_sm90`` (the CUTLASS WGMMA kernels were compiled, i.e. 9.0a is
     among the archs) and ``cxx``."""
     info = dict(_C.build_info())
-    archs = info["cuda_archs"].replace(",", ";").replace(" ", ";").split(";")
+    archs = [a.removesuffix("+PTX") for a in info["cuda_archs"].replace(",", ";").replace(" ", ";").split(";")]
     info["cutlass_sm90"] = bool(info["cuda_compiled"]) and "9.0a" in archs
     return info
 
