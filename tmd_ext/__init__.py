@@ -38,9 +38,10 @@ except ImportError as e:
     ) from e
 
 from . import reference  # noqa: E402
+from .ops.adaln_modulate import adaln_modulate  # noqa: E402
 from .ops.flow_step import flow_step  # noqa: E402
 
-OPS = ("flow_step",)
+OPS = ("adaln_modulate", "flow_step")
 
 
 def build_info() -> dict:
@@ -54,4 +55,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["flow_step", "build_info", "reference", "OPS"]
+__all__ = ["OPS", "adaln_modulate", "build_info", "flow_step", "reference"]
