@@ -12,7 +12,7 @@ ifeq ($(strip $(VENV)),)
 PY := python3
 READY := .build-inplace
 else
-PY := $(VENV)/bin/python
+PY := $(abspath $(VENV))/bin/python
 READY := $(VENV)/.tmd-installed
 endif
 
@@ -26,7 +26,7 @@ test: $(READY)
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 demo: $(READY)
-	@for b in bench/bench_*.py; do echo "== $$b"; (cd bench && PYTHONPATH=$(CURDIR) $(abspath $(PY)) $$(basename $$b) --small --device cpu) || exit 1; done
+	@for b in bench/bench_*.py; do echo "== $$b"; (cd bench && PYTHONPATH=$(CURDIR) $(PY) $$(basename $$b) --small --device cpu) || exit 1; done
 
 lint: $(READY)
 	$(PY) -m ruff check .
