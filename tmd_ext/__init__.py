@@ -8,6 +8,7 @@ exposes them as plain functions with argument checks:
 * :func:`gated_fusion` — ``m + sigmoid(alpha)·gate ⊙ (z - m)``
 * :func:`gated_fusion_linear` — the same with ``z = x·Wᵀ + b`` fused into the GEMM epilogue on sm_90a
 * :func:`flow_step` — ``y - (s-r)·(y1 - head_out)``
+* :func:`meanflow_fd_loss` — the TM-MeanFlow loss with the finite-difference target (stage 1)
 
 :mod:`tmd_ext.reference` holds a pure-PyTorch version of each (the ground truth of the tests).
 """
@@ -40,8 +41,9 @@ except ImportError as e:
 from . import reference  # noqa: E402
 from .ops.adaln_modulate import adaln_modulate  # noqa: E402
 from .ops.flow_step import flow_step  # noqa: E402
+from .ops.meanflow_fd_loss import meanflow_fd_loss  # noqa: E402
 
-OPS = ("adaln_modulate", "flow_step")
+OPS = ("adaln_modulate", "flow_step", "meanflow_fd_loss")
 
 
 def build_info() -> dict:
@@ -55,4 +57,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["OPS", "adaln_modulate", "build_info", "flow_step", "reference"]
+__all__ = ["OPS", "adaln_modulate", "build_info", "flow_step", "meanflow_fd_loss", "reference"]
