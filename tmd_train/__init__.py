@@ -1,0 +1,1 @@
+"""tmd_train: training, sampling and evaluation of Transition Matching Distillation students."""
