@@ -100,6 +100,26 @@ def test_shapes_differ_in_geometry():
     assert 0.35 < fill["triangle"] < 0.62
 
 
+def test_first_object_is_painted_on_top():
+    """Where two objects overlap, the first object of the prompt is visible."""
+    cfg = WorldConfig()
+    coords = torch.arange(cfg.size, dtype=torch.float64) + 0.5
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    first, second = ObjectSpec("square", "yellow", "left"), ObjectSpec("square", "blue", "right")
+    overlaps = 0
+    for i in range(30):
+        g = shapes.clip_generator(21, i)
+        a = shapes._object_layer(first, g, cfg, xs[None], ys[None])
+        b = shapes._object_layer(second, g, cfg, xs[None], ys[None])
+        both = (a == 1) & (b == 1)
+        if not both.any():
+            continue
+        overlaps += 1
+        video = shapes.render([first, second], shapes.clip_generator(21, i), cfg)
+        assert _object_mask(video, "yellow")[both].all() and not _object_mask(video, "blue")[both].any()
+    assert overlaps >= 3
+
+
 def test_background_is_dark_and_static():
     video = shapes.render([ObjectSpec("circle", "blue", "up")], shapes.clip_generator(1, 2))
     mask = _object_mask(video, "blue").any(0).float()
