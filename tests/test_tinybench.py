@@ -126,6 +126,19 @@ def test_frechet_distance(gen):
     assert tb.frechet_distance(x, x + shift, scale) == pytest.approx(float(shift.square().sum()) / 4, rel=1e-6)
 
 
+def test_temporal_stats(gen):
+    """Frames x_f = c + a·f + b·f²: mean |Δ1| = mean |a + b(2f+1)|, mean |Δ2| = 2|b|."""
+    c = torch.randn(2, 3, 1, 4, 4, generator=gen)
+    f = torch.arange(8.0)[None, None, :, None, None]
+    a, b = 0.05, 0.01
+    x = c + a * f + b * f * f
+    stats = tb.temporal_stats(x)
+    d1 = (a + b * (2 * torch.arange(7.0) + 1)).mean()
+    torch.testing.assert_close(stats[:, 0], torch.log(d1 + tb._EPS).double().expand(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats[:, 1], torch.log(torch.tensor(2 * b + tb._EPS)).double().expand(2),
+                               atol=1e-4, rtol=0)
+
+
 def test_bad_inputs(real):
     clips, prompts, _ = real
     with pytest.raises(ValueError, match="clips must be"):

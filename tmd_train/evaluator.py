@@ -125,7 +125,7 @@ def accuracy(model: ClipEvaluator, clips: torch.Tensor, labels: torch.Tensor) ->
     return acc
 
 
-def train(steps: int = 600, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, n_val: int = 1024,
+def train(steps: int = 500, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, n_val: int = 1024,
           config: EvaluatorConfig | None = None, log_every: int = 50) -> tuple[ClipEvaluator, dict]:
     """Train an evaluator from scratch on fresh world clips (AdamW, cosine LR, cross-entropy summed
     over the three attributes). Returns the model (eval mode) and a record of the run."""
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     mode.add_argument("--check", action="store_true", help="held-out accuracy of --weights")
     ap.add_argument("--out", default=str(ASSET_PATH))
     ap.add_argument("--weights", default=None, help="weights for --check (default: the shipped ones)")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
