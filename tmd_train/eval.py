@@ -108,6 +108,8 @@ def reference_stats(prompts: Sequence[str], n_ref: int = DEFAULT_N_REF, ref_seed
     (prompts, n_ref, seed, evaluator object); the evaluator is assumed frozen."""
     if n_ref < 2:
         raise ValueError(f"tinybench: n_ref must be >= 2, got {n_ref}")
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("tinybench: reference_stats needs a non-empty sequence of prompts")
     evaluator = evaluator or default_evaluator()
     ref_prompts = tuple(prompts[i % len(prompts)] for i in range(n_ref))
     key = (ref_prompts, ref_seed, id(evaluator))
