@@ -440,3 +440,25 @@ def test_unpatchify_inverts_wan_patching(gen):
     x = torch.randn(2, 4, 3, 8, 8, generator=gen)
     tok = x.reshape(2, 4, 3, 1, 4, 2, 4, 2).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(2, 48, 16)
     torch.testing.assert_close(unpatchify(tok, (3, 4, 4), (1, 2, 2)), x, atol=0, rtol=0)
+
+
+def test_bfloat16_student(teacher, tmp_path, gen):
+    """A bf16 teacher (loaded like a real checkpoint, Wan's fp32 modules kept) gives a bf16 student
+    whose head runs, backpropagates, and stays close to the fp32 teacher at init; the inner flow
+    keeps the dtype of y1."""
+    teacher.save_pretrained(tmp_path / "transformer")
+    student = TMDStudent.from_teacher(load_teacher(tmp_path, torch_dtype=torch.bfloat16), head_blocks=2)
+    assert student.dtype == torch.bfloat16 and student.fusion.alpha.dtype == torch.bfloat16
+    x, t, text = tiny_inputs(2, gen)
+    y1 = torch.randn(2, *LATENT, generator=gen)
+    s, r = rand_sr(2, gen)
+    feats = student.backbone(x, t, text)
+    out = student.head(y1, s, r, feats)
+    assert out.dtype == torch.bfloat16
+    with torch.no_grad():
+        ref = teacher_out(teacher, x, t, text)
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    y0 = student.inner_flow(feats, y1, torch.tensor([0.0, 0.5, 0.999]), grad=True)
+    assert y0.dtype == torch.float32
+    y0.square().mean().backward()
+    assert student.fusion.modulation.weight.grad.abs().max() > 0
