@@ -1,6 +1,8 @@
 """Samplers, NFE accounting and schedules (tiny random Wan, float32, CPU)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny import LATENT, TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_teacher
@@ -203,3 +205,23 @@ def test_few_step_eq18(teacher, text, steps):
                          t_max=0.999)
     torch.testing.assert_close(res.x0, ref.x0, **ATOL)
     assert res.nfe == pytest.approx(steps)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(teacher, text):
+    """On a GPU: identity at init holds and the TMD sampler (noise drawn from a CPU generator) gives
+    the CPU result up to kernel round-off."""
+    student = TMDStudent.from_teacher(teacher, head_blocks=2)
+    randomize_zero_init(student, seeded(1))
+    cpu = sample_tmd(student, text, shape=SHAPE, generator=seeded(3), M=2, N=2)
+    gpu_student = copy.deepcopy(student).cuda()
+    gpu = sample_tmd(gpu_student, text.cuda(), shape=SHAPE, generator=seeded(3), M=2, N=2)
+    assert gpu.x0.device.type == "cuda" and gpu.nfe == cpu.nfe
+    torch.testing.assert_close(gpu.x0.cpu(), cpu.x0, atol=2e-3, rtol=2e-3)
+    fresh = TMDStudent.from_teacher(teacher, head_blocks=2).cuda()
+    x = torch.randn(SHAPE, generator=seeded(4)).cuda()
+    t = torch.tensor([0.3, 0.8], device="cuda")
+    with torch.no_grad():
+        out = fresh.head(torch.randn_like(x), t, 0.5 * t, fresh.backbone(x, t, text.cuda()))
+        ref = fresh.transformer(x, 1000 * t, text.cuda(), return_dict=False)[0]
+    torch.testing.assert_close(out, ref, **ATOL)
