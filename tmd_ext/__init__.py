@@ -40,8 +40,9 @@ except ImportError as e:
 from . import reference  # noqa: E402
 
 from .ops.flow_step import flow_step  # noqa: E402
+from .ops.gated_fusion import gated_fusion, gated_fusion_linear  # noqa: E402
 
-OPS = ("flow_step",)
+OPS = ("flow_step", "gated_fusion", "gated_fusion_linear")
 
 
 def build_info() -> dict:
@@ -55,4 +56,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["flow_step", "build_info", "reference", "OPS"]
+__all__ = ["flow_step", "gated_fusion", "gated_fusion_linear", "build_info", "reference", "OPS"]
