@@ -38,11 +38,11 @@ except ImportError as e:
     ) from e
 
 from . import reference  # noqa: E402
-
+from .ops.adaln_modulate import adaln_modulate  # noqa: E402
 from .ops.flow_step import flow_step  # noqa: E402
 from .ops.gated_fusion import gated_fusion, gated_fusion_linear  # noqa: E402
 
-OPS = ("flow_step", "gated_fusion", "gated_fusion_linear")
+OPS = ("adaln_modulate", "flow_step", "gated_fusion", "gated_fusion_linear")
 
 
 def build_info() -> dict:
@@ -56,4 +56,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["flow_step", "gated_fusion", "gated_fusion_linear", "build_info", "reference", "OPS"]
+__all__ = ["adaln_modulate", "flow_step", "gated_fusion", "gated_fusion_linear", "build_info", "reference",
+           "OPS"]
