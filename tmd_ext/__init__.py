@@ -9,6 +9,10 @@ exposes them as plain functions with argument checks:
 * :func:`gated_fusion_linear` — the same with ``z = x·Wᵀ + b`` fused into the GEMM epilogue on sm_90a
 * :func:`flow_step` — ``y - (s-r)·(y1 - head_out)``
 
+and the class :class:`FlowHeadLoop` (C++, pybind11): the whole inner flow of one outer step,
+``N`` head evaluations each followed by the fused ``flow_step`` update, replayed from a captured
+CUDA graph on CUDA and run eagerly on CPU.
+
 :mod:`tmd_ext.reference` holds a pure-PyTorch version of each (the ground truth of the tests).
 """
 from __future__ import annotations
@@ -41,6 +45,8 @@ from . import reference  # noqa: E402
 
 from .ops.flow_step import flow_step  # noqa: E402
 
+FlowHeadLoop = _C.FlowHeadLoop
+
 OPS = ("flow_step",)
 
 
@@ -55,4 +61,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["flow_step", "build_info", "reference", "OPS"]
+__all__ = ["flow_step", "FlowHeadLoop", "build_info", "reference", "OPS"]
