@@ -9,6 +9,11 @@ exposes them as plain functions with argument checks:
 * :func:`gated_fusion_linear` — the same with ``z = x·Wᵀ + b`` fused into the GEMM epilogue on sm_90a
 * :func:`flow_step` — ``y - (s-r)·(y1 - head_out)``
 * :func:`meanflow_fd_loss` — the TM-MeanFlow loss with the finite-difference target (stage 1)
+* :class:`FlowHeadLoop` — the persistent inner-flow loop (a CUDA graph of one head step replayed N times)
+
+and the class :class:`FlowHeadLoop` (C++, pybind11): the whole inner flow of one outer step,
+``N`` head evaluations each followed by the fused ``flow_step`` update, replayed from a captured
+CUDA graph on CUDA and run eagerly on CPU.
 
 :mod:`tmd_ext.reference` holds a pure-PyTorch version of each (the ground truth of the tests).
 """
@@ -44,6 +49,8 @@ from .ops.flow_step import flow_step  # noqa: E402
 from .ops.gated_fusion import gated_fusion, gated_fusion_linear  # noqa: E402
 from .ops.meanflow_fd_loss import meanflow_fd_loss  # noqa: E402
 
+FlowHeadLoop = _C.FlowHeadLoop
+
 OPS = ("adaln_modulate", "flow_step", "gated_fusion", "gated_fusion_linear", "meanflow_fd_loss")
 
 
@@ -58,5 +65,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["OPS", "adaln_modulate", "build_info", "flow_step", "gated_fusion", "gated_fusion_linear",
-           "meanflow_fd_loss", "reference"]
+__all__ = ["OPS", "FlowHeadLoop", "adaln_modulate", "build_info", "flow_step", "gated_fusion",
+           "gated_fusion_linear", "meanflow_fd_loss", "reference"]

@@ -16,6 +16,10 @@
 #define TMD_CUTLASS_VERSION ""
 #endif
 
+namespace tmd {
+void bind_flow_head_loop(py::module_& m);  // csrc/flow_head_loop/flow_head_loop.cpp
+}  // namespace tmd
+
 namespace {
 py::dict build_info() {
   py::dict d;
@@ -44,4 +48,5 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tmd_ext compiled ops (torch.ops.tmd.*) and helpers";
   m.def("build_info", &build_info, "What this library was built with (torch, CUDA archs, CUTLASS).");
+  tmd::bind_flow_head_loop(m);
 }
