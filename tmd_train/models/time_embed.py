@@ -36,6 +36,7 @@ class SmoothTimeEmbedding(nn.Module):
         else:
             step = (math.log(max_freq) - math.log(min_freq)) / (num_freqs - 1)
             self.freqs = tuple(math.exp(math.log(min_freq) + k * step) for k in range(num_freqs))
+        self._freqs_on: dict[torch.device, torch.Tensor] = {}  # float64 copies per device
         self.linear_1 = nn.Linear(2 * num_freqs, dim)
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(dim, dim)
@@ -45,8 +46,13 @@ class SmoothTimeEmbedding(nn.Module):
 
     def features(self, tau: torch.Tensor) -> torch.Tensor:
         """``[B]`` -> ``[B, 2K]`` float64 sinusoidal features. The frequencies are plain floats,
-        not a buffer, so casting the module to bf16 cannot round them."""
-        freqs = torch.tensor(self.freqs, dtype=torch.float64, device=tau.device)
+        not a buffer, so casting the module to bf16 cannot round them; their float64 copy on each
+        device is made once (no host-to-device copy per call, so the head can be captured in a
+        CUDA graph)."""
+        freqs = self._freqs_on.get(tau.device)
+        if freqs is None:
+            freqs = torch.tensor(self.freqs, dtype=torch.float64, device=tau.device)
+            self._freqs_on[tau.device] = freqs
         arg = tau.double()[:, None] * freqs[None, :]
         return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
 
