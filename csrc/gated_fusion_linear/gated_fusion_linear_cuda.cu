@@ -38,7 +38,10 @@ at::Tensor gated_fusion_linear_cuda(const at::Tensor& m_in, const at::Tensor& x_
   const std::optional<at::Tensor> bias = gated_fusion_linear_bias(bias_in);
   const at::Tensor lam = gated_fusion_lambda(gate, alpha);
   at::Tensor out = at::empty(m.sizes(), m.options());
-  // The sm_90a fused GEMM (gated_fusion_linear_sm90.h) plugs in here, before the generic path.
+  // sm_90a, bf16/fp16: the CUTLASS GEMM with the fusion in its epilogue (z never goes to memory).
+  // It declines (returns false) for cases it does not support; then the generic path below runs.
+  const bool low_precision = m.scalar_type() == at::kBFloat16 || m.scalar_type() == at::kHalf;
+  if (low_precision && gated_fusion_linear_sm90(m, x, weight, bias, lam, out)) return out;
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
   const at::Tensor z = linear_opmath_cuda(x.view({batch * tokens, k}), weight).view({batch, tokens, dim});
   gated_fusion_elem_forward_cuda(m, z, bias, lam, out);
