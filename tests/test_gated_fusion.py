@@ -57,7 +57,7 @@ def test_grads_match_reference(shape, dtype, device, gen):
     g = randn(*shape, dtype=dtype, device=device, gen=gen)
     _, got = grads(tmd_ext.gated_fusion, args, g)
     _, want = grads(reference.gated_fusion, args, g)
-    for name, a, w, x in zip(("m", "z", "gate", "alpha"), got, want, args):
+    for name, a, w, x in zip(("m", "z", "gate", "alpha"), got, want, args, strict=True):
         assert a.shape == x.shape and a.dtype == dtype, name
         assert_close_scaled(a, w, dtype)
 
@@ -72,7 +72,7 @@ def test_long_sequence_grads(dtype, device, gen):
     out, got = grads(tmd_ext.gated_fusion, args, g)
     want_out, want = grads(reference.gated_fusion, args, g)
     torch.testing.assert_close(out, want_out, **TOL[dtype])
-    for a, w in zip(got, want):
+    for a, w in zip(got, want, strict=True):
         assert_close_scaled(a, w, dtype)
 
 
@@ -85,7 +85,7 @@ def test_noncontiguous(device, gen):
     out, got = grads(tmd_ext.gated_fusion, nc, noncontig(g))
     want_out, want = grads(reference.gated_fusion, (m, z, gate, alpha), g)
     torch.testing.assert_close(out, want_out, **TOL[torch.float32])
-    for a, w in zip(got, want):
+    for a, w in zip(got, want, strict=True):
         assert_close_scaled(a, w, torch.float32)
 
 
@@ -100,7 +100,7 @@ def test_misaligned(dtype, device, gen):
     out, got = grads(tmd_ext.gated_fusion, (*mis, alpha), g)
     want_out, want = grads(reference.gated_fusion, (m, z, gate, alpha), g)
     torch.testing.assert_close(out, want_out, **TOL[dtype])
-    for a, w in zip(got, want):
+    for a, w in zip(got, want, strict=True):
         assert_close_scaled(a, w, dtype)
 
 
@@ -125,7 +125,7 @@ def test_backward_deterministic(device, gen):
     g = randn(2, 301, 96, dtype=torch.float32, device=device, gen=gen)
     a = torch.ops.tmd.gated_fusion_backward(g, *args)
     b = torch.ops.tmd.gated_fusion_backward(g, *args)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 
@@ -154,7 +154,7 @@ def test_compile_fullgraph(device, gen):
     want = f(*args)
     want.backward()
     torch.testing.assert_close(got, want)
-    for gc, a in zip(got_grads, args):
+    for gc, a in zip(got_grads, args, strict=True):
         torch.testing.assert_close(gc, a.grad)
 
 

@@ -67,7 +67,7 @@ def test_grads_match_reference(shape, dtype, bias, device, gen):
     g = randn(*shape[:3], dtype=dtype, device=device, gen=gen)
     _, got = grads(tmd_ext.gated_fusion_linear, args, g)
     _, want = grads(reference.gated_fusion_linear, args, g)
-    for name, a, w, x in zip(NAMES, got, want, args):
+    for name, a, w, x in zip(NAMES, got, want, args, strict=True):
         if x is None:
             assert a is None, name
             continue
@@ -95,7 +95,7 @@ def test_noncontiguous(device, gen):
     out, got = grads(tmd_ext.gated_fusion_linear, nc, noncontig(g))
     want_out, want = grads(reference.gated_fusion_linear, (m, x, weight, bias, gate, alpha), g)
     torch.testing.assert_close(out, want_out, **TOL[torch.float32])
-    for a, w in zip(got, want):
+    for a, w in zip(got, want, strict=True):
         assert_close_scaled(a, w, torch.float32)
 
 
@@ -115,7 +115,7 @@ def test_misaligned(dtype, device, gen):
     out, got = grads(tmd_ext.gated_fusion_linear, args, g)
     want_out, want = grads(reference.gated_fusion_linear, (m, x, weight, bias, gate, alpha), g)
     torch.testing.assert_close(out, want_out, **TOL[dtype])
-    for a, w in zip(got, want):
+    for a, w in zip(got, want, strict=True):
         assert_close_scaled(a, w, dtype)
 
 
@@ -164,7 +164,7 @@ def test_compile_fullgraph(bias, device, gen):
     want = f(*args)
     want.backward()
     torch.testing.assert_close(got, want)
-    for gc, a in zip(got_grads, leaves):
+    for gc, a in zip(got_grads, leaves, strict=True):
         torch.testing.assert_close(gc, a.grad)
 
 

@@ -51,7 +51,8 @@ def build_wan_folder(root: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed + 2)
     c = TINY_CONFIG["in_channels"]
     vae = AutoencoderKLWan(base_dim=4, z_dim=c, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           latents_mean=[0.1 * (i - 1) for i in range(c)], latents_std=[1.0 + 0.2 * i for i in range(c)])
+                           latents_mean=[0.1 * (i - 1) for i in range(c)],
+                           latents_std=[1.0 + 0.2 * i for i in range(c)])
     vae.eval().save_pretrained(root / "vae")
     UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                             flow_shift=3.0).save_pretrained(root / "scheduler")
