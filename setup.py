@@ -13,40 +13,14 @@ reads too. Environment knobs:
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "csrc"))
-from sources import cpp_sources, cuda_sources  # noqa: E402
-
-
-def _find_cuda_home() -> str | None:
-    """A toolkit folder with bin/nvcc and lib64/libcudart*, or None. The `nvcc` on PATH may be a
-    wrapper script, so its own folder is only one candidate among the usual install places."""
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        cands.append(os.path.dirname(os.path.dirname(real)))
-        try:  # a wrapper such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
-            with open(real, errors="ignore") as f:
-                for tok in f.read(4096).split():
-                    if tok.endswith("/bin/nvcc"):
-                        cands.append(tok[: -len("/bin/nvcc")])
-        except OSError:
-            pass
-    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in cands:
-        if c and os.path.isfile(os.path.join(c, "bin", "nvcc")) and glob.glob(
-            os.path.join(c, "lib64", "libcudart*")
-        ):
-            return os.path.realpath(c)
-    return None
+from sources import cpp_sources, cuda_home, cuda_sources  # noqa: E402
 
 
 def _default_arch_list() -> str:
@@ -85,16 +59,16 @@ def _configure():
     import torch
 
     want_cuda = torch.version.cuda is not None and os.environ.get("TMD_FORCE_CPU", "0") != "1"
-    cuda_home = _find_cuda_home() if want_cuda else None
-    if want_cuda and cuda_home is None:
+    home = cuda_home() if want_cuda else None
+    if want_cuda and home is None:
         print("tmd_ext: torch is a CUDA build but no CUDA toolkit (bin/nvcc + lib64/libcudart) was "
               "found; set CUDA_HOME. Building the CPU ops only.", file=sys.stderr)
-    use_cuda = want_cuda and cuda_home is not None
+    use_cuda = want_cuda and home is not None
     if use_cuda:
-        os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it
+        os.environ["CUDA_HOME"] = home  # before cpp_extension reads it
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list()
-    return use_cuda, cuda_home
+    return use_cuda, home
 
 
 USE_CUDA, CUDA_HOME = _configure()

@@ -78,7 +78,7 @@ def test_compile_fullgraph(device, gen):
     want = f(*args)
     want.backward()
     torch.testing.assert_close(got, want)
-    for gc, a in zip(grads, args[:3]):
+    for gc, a in zip(grads, args[:3], strict=True):
         torch.testing.assert_close(gc, a.grad)
 
 

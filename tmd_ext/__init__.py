@@ -38,7 +38,6 @@ except ImportError as e:
     ) from e
 
 from . import reference  # noqa: E402
-
 from .ops.flow_step import flow_step  # noqa: E402
 
 OPS = ("flow_step",)
