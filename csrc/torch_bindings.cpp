@@ -27,4 +27,10 @@ TORCH_LIBRARY(tmd, m) {
   m.def("flow_step(Tensor y, Tensor head_out, Tensor y1, Tensor s, Tensor r) -> Tensor");
   // Gradients of flow_step w.r.t. head_out and y1 (that w.r.t. y is grad_out itself).
   m.def("flow_step_backward(Tensor grad_out, Tensor s, Tensor r) -> (Tensor grad_head_out, Tensor grad_y1)");
+
+  // TM-MeanFlow loss, per sample: delta = u - (v - (s-r)*(u_plus-u_minus)/(s_plus-s_minus)) (delta = u - v
+  // where s == r), loss = |delta|^2/sg(|delta|^2+c), mse = |delta|^2/d; u.. [B,...], s.. [B]; outputs [B] fp32/fp64.
+  m.def("meanflow_fd_loss(Tensor u, Tensor u_plus, Tensor u_minus, Tensor v, Tensor s, Tensor r, Tensor s_plus, Tensor s_minus, float c) -> (Tensor loss, Tensor mse)");
+  // Gradient of meanflow_fd_loss w.r.t. u (the only input with one); recomputes delta, |delta|^2 = mse*d.
+  m.def("meanflow_fd_loss_backward(Tensor grad_loss, Tensor grad_mse, Tensor u, Tensor u_plus, Tensor u_minus, Tensor v, Tensor s, Tensor r, Tensor s_plus, Tensor s_minus, Tensor mse, float c) -> Tensor grad_u");
 }

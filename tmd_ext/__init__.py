@@ -39,8 +39,9 @@ except ImportError as e:
 
 from . import reference  # noqa: E402
 from .ops.flow_step import flow_step  # noqa: E402
+from .ops.meanflow_fd_loss import meanflow_fd_loss  # noqa: E402
 
-OPS = ("flow_step",)
+OPS = ("flow_step", "meanflow_fd_loss")
 
 
 def build_info() -> dict:
@@ -54,4 +55,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["flow_step", "build_info", "reference", "OPS"]
+__all__ = ["flow_step", "meanflow_fd_loss", "build_info", "reference", "OPS"]

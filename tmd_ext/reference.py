@@ -50,3 +50,24 @@ def gated_fusion_linear(m, x, weight, bias, gate, alpha):
     lam = torch.sigmoid(alpha.to(acc)) * gate.to(acc)[:, None, :]
     mf = m.to(acc)
     return (mf + lam * (z - mf)).to(m.dtype)
+
+
+def meanflow_fd_loss(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c: float):
+    """TM-MeanFlow loss with the finite-difference target; u, u_plus, u_minus, v [B, ...],
+    s, r, s_plus, s_minus [B]. Returns ``(loss, mse)`` [B] in fp32 (fp64 for fp64 inputs)::
+
+        û = v - (s-r)·(u_plus - u_minus)/(s_plus - s_minus)   (û = v where s == r)
+        Δ = u - sg(û),  loss = ‖Δ‖²/sg(‖Δ‖² + c),  mse = ‖Δ‖²/d
+
+    Rows with ``s == r`` select ``v`` with ``torch.where``, so NaN/Inf in their ``u_plus``,
+    ``u_minus`` never reach the result. Differentiable w.r.t. ``u`` by autograd."""
+    acc = _acc(u.dtype)
+    fd = s.double() != r.double()
+    ds = torch.where(fd, s_plus.double() - s_minus.double(), 1.0)
+    du_ds = (u_plus.to(acc) - u_minus.to(acc)) / _per_sample(ds.to(acc), u)
+    u_hat = v.to(acc) - _per_sample((s.double() - r.double()).to(acc), u) * du_ds
+    u_hat = torch.where(_per_sample(fd, u), u_hat, v.to(acc))
+    delta = u.to(acc) - u_hat.detach()
+    delta_sq = delta.square().flatten(1).sum(1)
+    d = delta[0].numel()
+    return delta_sq / (delta_sq.detach() + c), delta_sq / d

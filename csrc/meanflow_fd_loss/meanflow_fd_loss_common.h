@@ -1,0 +1,84 @@
+// Argument checks and per-sample coefficients of meanflow_fd_loss, shared by the CPU and CUDA
+// entry points.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "core/checks.h"
+#include "core/dispatch.h"
+
+namespace tmd {
+
+// Per-sample coefficients the kernels read: a = (s-r)/(s_plus-s_minus) (0 where s == r) in the
+// opmath dtype of the data, and fd = (s != r) as bool. Both contiguous [B].
+struct MeanflowFdCoeffs {
+  at::Tensor a;
+  at::Tensor fd;
+};
+
+// Checks everything but the values of the times; order: dtype -> dtypes agree -> device ->
+// sizes -> every tensor's shape -> c.
+inline void meanflow_fd_loss_check(const at::Tensor& u, const at::Tensor& u_plus, const at::Tensor& u_minus,
+                                   const at::Tensor& v, const at::Tensor& s, const at::Tensor& r,
+                                   const at::Tensor& s_plus, const at::Tensor& s_minus, double c) {
+  check_float(u, "u");
+  check_float(u_plus, "u_plus");
+  check_float(u_minus, "u_minus");
+  check_float(v, "v");
+  check_time_dtype(s, "s");
+  check_time_dtype(r, "r");
+  check_time_dtype(s_plus, "s_plus");
+  check_time_dtype(s_minus, "s_minus");
+  check_same_dtype(u_plus, "u_plus", u, "u");
+  check_same_dtype(u_minus, "u_minus", u, "u");
+  check_same_dtype(v, "v", u, "u");
+  check_same_device(u_plus, "u_plus", u, "u");
+  check_same_device(u_minus, "u_minus", u, "u");
+  check_same_device(v, "v", u, "u");
+  check_same_device(s, "s", u, "u");
+  check_same_device(r, "r", u, "u");
+  check_same_device(s_plus, "s_plus", u, "u");
+  check_same_device(s_minus, "s_minus", u, "u");
+  TORCH_CHECK(u.dim() >= 1, "u must be [B, ...] with at least 1 dimension, got a 0-d tensor");
+  check_nonempty(u, "u");
+  check_shape(u_plus, u.sizes(), "u_plus");
+  check_shape(u_minus, u.sizes(), "u_minus");
+  check_shape(v, u.sizes(), "v");
+  check_shape(s, {u.size(0)}, "s");
+  check_shape(r, {u.size(0)}, "r");
+  check_shape(s_plus, {u.size(0)}, "s_plus");
+  check_shape(s_minus, {u.size(0)}, "s_minus");
+  TORCH_CHECK(std::isfinite(c) && c > 0, "c must be a finite number > 0, got ", c);
+}
+
+// Validates the time values and returns the coefficients. Reading the values costs a host sync
+// on CUDA (one small .item()).
+inline MeanflowFdCoeffs meanflow_fd_coeffs(const at::Tensor& s, const at::Tensor& r, const at::Tensor& s_plus,
+                                           const at::Tensor& s_minus, at::ScalarType data) {
+  const at::Tensor sd = s.to(at::kDouble), rd = r.to(at::kDouble);
+  const at::Tensor spd = s_plus.to(at::kDouble), smd = s_minus.to(at::kDouble);
+  const at::Tensor fd = sd != rd;
+  TORCH_CHECK(!at::logical_and(fd, spd == smd).any().item<bool>(),
+              "s_plus must differ from s_minus on every row with s != r (the finite-difference step "
+              "s_plus - s_minus is zero there)");
+  const at::Tensor a = at::where(fd, (sd - rd) / (spd - smd), 0.0).to(opmath_dtype(data)).contiguous();
+  return {a, fd.contiguous()};
+}
+
+// Checks of the backward's own arguments (the forward inputs are checked by meanflow_fd_loss_check).
+inline void meanflow_fd_loss_backward_check(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
+                                            const at::Tensor& mse, const at::Tensor& u) {
+  check_float(grad_loss, "grad_loss");
+  check_float(grad_mse, "grad_mse");
+  check_float(mse, "mse");
+  check_same_device(grad_loss, "grad_loss", u, "u");
+  check_same_device(grad_mse, "grad_mse", u, "u");
+  check_same_device(mse, "mse", u, "u");
+  check_shape(grad_loss, {u.size(0)}, "grad_loss");
+  check_shape(grad_mse, {u.size(0)}, "grad_mse");
+  check_shape(mse, {u.size(0)}, "mse");
+}
+
+}  // namespace tmd

@@ -1,0 +1,98 @@
+"""`meanflow_fd_loss`: the TM-MeanFlow loss with the finite-difference target (DESIGN.md §2, stage 1).
+
+Per sample ``b`` with ``d`` elements::
+
+    du/ds = (u_plus - u_minus) / (s_plus - s_minus)
+    û     = v - (s - r)·du/ds          (û = v on rows with s == r; u_plus, u_minus unread there)
+    Δ     = u - sg(û)
+    loss  = ‖Δ‖² / sg(‖Δ‖² + c),   mse = ‖Δ‖² / d
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks
+
+
+def _check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c) -> None:
+    _checks.tensor(u, "u")
+    _checks.tensor(u_plus, "u_plus")
+    _checks.tensor(u_minus, "u_minus")
+    _checks.tensor(v, "v")
+    for t, n in ((s, "s"), (r, "r"), (s_plus, "s_plus"), (s_minus, "s_minus")):
+        _checks.tensor(t, n, _checks.TIME_DTYPES)
+    for t, n in ((u_plus, "u_plus"), (u_minus, "u_minus"), (v, "v")):
+        _checks.same_dtype(t, n, u, "u")
+    for t, n in ((u_plus, "u_plus"), (u_minus, "u_minus"), (v, "v"), (s, "s"), (r, "r"),
+                 (s_plus, "s_plus"), (s_minus, "s_minus")):
+        _checks.same_device(t, n, u, "u")
+    if u.dim() < 1:
+        raise ValueError("u must be [B, ...] with at least 1 dimension, got a 0-d tensor")
+    _checks.nonempty(u, "u")
+    for t, n in ((u_plus, "u_plus"), (u_minus, "u_minus"), (v, "v")):
+        _checks.shape(t, u.shape, n)
+    for t, n in ((s, "s"), (r, "r"), (s_plus, "s_plus"), (s_minus, "s_minus")):
+        _checks.shape(t, (u.shape[0],), n)
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        raise TypeError(f"c must be a Python float, got {type(c).__name__}")
+    if not 0 < c < math.inf:  # comparisons only (NaN fails both), so a symbolic c traces too
+        raise ValueError(f"c must be a finite number > 0, got {c}")
+
+
+def meanflow_fd_loss(u: torch.Tensor, u_plus: torch.Tensor, u_minus: torch.Tensor, v: torch.Tensor,
+                     s: torch.Tensor, r: torch.Tensor, s_plus: torch.Tensor, s_minus: torch.Tensor,
+                     c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample TM-MeanFlow loss ``‖Δ‖²/sg(‖Δ‖²+c)`` and raw MSE ``‖Δ‖²/d``.
+
+    Args:
+        u: ``[B, ...]`` (latents ``[B, C, F, H, W]``) the prediction ``y1 - head(y_s, s, r; m)``;
+            fp32, bf16, fp16 or fp64. The only input that gets a gradient.
+        u_plus, u_minus: ``[B, ...]`` no-grad evaluations at ``s_plus`` and ``s_minus`` (same
+            dtype as ``u``). Ignored entirely on rows with ``s == r`` (they may hold anything there,
+            NaN and Inf included).
+        v: ``[B, ...]`` the (CFG) velocity target ``v_g`` (same dtype as ``u``).
+        s, r, s_plus, s_minus: ``[B]`` per-sample times, float32 or float64. ``s_plus != s_minus``
+            is required on every row with ``s != r``; checking it reads the times (on CUDA one
+            host sync per call).
+        c: finite ``> 0``, the adaptive-weight constant (``d`` or ``1e-5·d`` in the paper).
+    Returns:
+        ``(loss, mse)``, each ``[B]`` in fp32 (fp64 for fp64 inputs) — the loss is a reduction, so
+        it is not rounded to a 16-bit input dtype. Arithmetic in fp32 (fp64); non-contiguous
+        inputs are read through a contiguous copy.
+    Gradients flow to ``u`` only, from both outputs: ``∂loss/∂u = 2Δ/(‖Δ‖²+c)``,
+    ``∂mse/∂u = 2Δ/d`` (the target ``û`` and the loss denominator are stop-gradient).
+    """
+    _check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c)
+    return torch.ops.tmd.meanflow_fd_loss(u, u_plus, u_minus, v, s, r, s_plus, s_minus, float(c))
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("tmd::meanflow_fd_loss")
+def _(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c):
+    loss = u.new_empty((u.shape[0],), dtype=_acc(u.dtype))
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.register_fake("tmd::meanflow_fd_loss_backward")
+def _(grad_loss, grad_mse, u, u_plus, u_minus, v, s, r, s_plus, s_minus, mse, c):
+    return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.c = inputs[8]
+    ctx.save_for_backward(*inputs[:8], output[1])
+
+
+def _backward(ctx, grad_loss, grad_mse):
+    u, u_plus, u_minus, v, s, r, s_plus, s_minus, mse = ctx.saved_tensors
+    grad_u = torch.ops.tmd.meanflow_fd_loss_backward(grad_loss, grad_mse, u, u_plus, u_minus, v, s, r,
+                                                     s_plus, s_minus, mse, ctx.c)
+    return grad_u, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("tmd::meanflow_fd_loss", _backward, setup_context=_setup_context)
