@@ -40,9 +40,10 @@ except ImportError as e:
 from . import reference  # noqa: E402
 from .ops.adaln_modulate import adaln_modulate  # noqa: E402
 from .ops.flow_step import flow_step  # noqa: E402
+from .ops.gated_fusion import gated_fusion, gated_fusion_linear  # noqa: E402
 from .ops.meanflow_fd_loss import meanflow_fd_loss  # noqa: E402
 
-OPS = ("adaln_modulate", "flow_step", "meanflow_fd_loss")
+OPS = ("adaln_modulate", "flow_step", "gated_fusion", "gated_fusion_linear", "meanflow_fd_loss")
 
 
 def build_info() -> dict:
@@ -56,4 +57,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["adaln_modulate", "flow_step", "meanflow_fd_loss", "build_info", "reference", "OPS"]
+__all__ = ["adaln_modulate", "flow_step", "gated_fusion", "gated_fusion_linear", "meanflow_fd_loss",
+           "build_info", "reference", "OPS"]

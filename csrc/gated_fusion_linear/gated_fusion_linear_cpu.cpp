@@ -1,0 +1,64 @@
+// CPU kernels of gated_fusion_linear (the twin of gated_fusion_linear_cuda.cu): z = x·weightᵀ as an
+// opmath GEMM on upcast operands (never rounded to the input dtype), then the gated_fusion
+// elementwise pass adding the bias. The backward recomputes z and runs its GEMMs in opmath too.
+#include <torch/library.h>
+
+#include "gated_fusion_linear/gated_fusion_linear_common.h"
+
+namespace tmd {
+namespace {
+
+// x·weightᵀ over the flattened tokens: [B*T, D] in the opmath dtype, contiguous.
+at::Tensor linear_opmath_cpu(const at::Tensor& x2d, const at::Tensor& weight) {
+  const at::ScalarType acc = opmath_dtype(x2d.scalar_type());
+  return at::mm(x2d.to(acc), weight.to(acc).t());
+}
+
+at::Tensor gated_fusion_linear_cpu(const at::Tensor& m_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+                                   const std::optional<at::Tensor>& bias_in, const at::Tensor& gate,
+                                   const at::Tensor& alpha) {
+  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha);
+  const at::Tensor lam = gated_fusion_lambda(gate, alpha);
+  const at::Tensor m = m_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias = gated_fusion_linear_bias(bias_in);
+  const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
+  const at::Tensor z = linear_opmath_cpu(x.view({batch * tokens, k}), weight).view({batch, tokens, dim});
+  at::Tensor out = at::empty(m.sizes(), m.options());
+  gated_fusion_elem_forward_cpu(m, z, bias, lam, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_fusion_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& m_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& gate, const at::Tensor& alpha) {
+  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha);
+  gated_fusion_check_grad_out(grad_out, m_in);
+  const at::Tensor lam = gated_fusion_lambda(gate, alpha);
+  const at::Tensor g = grad_out.contiguous(), m = m_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias = gated_fusion_linear_bias(bias_in);
+  const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
+  const at::ScalarType dtype = m.scalar_type(), acc = opmath_dtype(dtype);
+  const at::Tensor x2d = x.view({batch * tokens, k});
+  const at::Tensor z = linear_opmath_cpu(x2d, weight).view({batch, tokens, dim});
+
+  at::Tensor grad_m = at::empty(m.sizes(), m.options());
+  at::Tensor grad_z = at::empty(m.sizes(), m.options().dtype(acc));
+  const at::Tensor partial = gated_fusion_elem_backward_cpu(g, m, z, bias, lam, grad_m, grad_z);
+  auto [grad_gate, grad_alpha] = gated_fusion_gate_alpha_grads(partial, gate, alpha);
+
+  const at::Tensor gz2d = grad_z.view({batch * tokens, dim});
+  at::Tensor grad_x = at::mm(gz2d, weight.to(acc)).to(dtype).view({batch, tokens, k});
+  at::Tensor grad_weight = at::mm(gz2d.t(), x2d.to(acc)).to(dtype);
+  at::Tensor grad_bias = gz2d.sum(0).to(dtype);
+  return {grad_m, grad_x, grad_weight, grad_bias, grad_gate, grad_alpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tmd, CPU, m) {
+  m.impl("gated_fusion_linear", &gated_fusion_linear_cpu);
+  m.impl("gated_fusion_linear_backward", &gated_fusion_linear_backward_cpu);
+}
+
+}  // namespace tmd

@@ -1,0 +1,74 @@
+// CUDA kernels of gated_fusion_linear (the twin of gated_fusion_linear_cpu.cpp). Generic path:
+// z = x·weightᵀ by cuBLAS with an fp32 output for 16-bit inputs (never rounded to the input
+// dtype), then the gated_fusion elementwise kernel adding the bias. On sm_90a the CUTLASS GEMM
+// with the fusion in its epilogue (gated_fusion_linear_sm90.h) replaces both when it supports the
+// case. The backward recomputes z, runs one fused elementwise pass (grad_m, grad_z in the input
+// dtype, the gate/alpha partial sums), then the two cuBLAS GEMMs of grad_x and grad_weight.
+#include <torch/library.h>
+
+#include "core/cuda_utils.cuh"
+#include "gated_fusion_linear/gated_fusion_linear_common.h"
+#include "gated_fusion_linear/gated_fusion_linear_sm90.h"
+
+namespace tmd {
+namespace {
+
+// x·weightᵀ over the flattened tokens: [B*T, D] in the opmath dtype, contiguous. 16-bit inputs use
+// the tensor-core GEMM with fp32 accumulation and fp32 output (aten::mm.dtype).
+at::Tensor linear_opmath_cuda(const at::Tensor& x2d, const at::Tensor& weight) {
+  const at::ScalarType acc = opmath_dtype(x2d.scalar_type());
+  if (x2d.scalar_type() == acc) return at::mm(x2d, weight.t());
+  return at::mm(x2d, weight.t(), acc);
+}
+
+at::Tensor gated_fusion_linear_cuda(const at::Tensor& m_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+                                    const std::optional<at::Tensor>& bias_in, const at::Tensor& gate,
+                                    const at::Tensor& alpha) {
+  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha);
+  const c10::cuda::CUDAGuard guard(m_in.device());
+  const at::Tensor m = m_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias = gated_fusion_linear_bias(bias_in);
+  const at::Tensor lam = gated_fusion_lambda(gate, alpha);
+  at::Tensor out = at::empty(m.sizes(), m.options());
+  // The sm_90a fused GEMM (gated_fusion_linear_sm90.h) plugs in here, before the generic path.
+  const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
+  const at::Tensor z = linear_opmath_cuda(x.view({batch * tokens, k}), weight).view({batch, tokens, dim});
+  gated_fusion_elem_forward_cuda(m, z, bias, lam, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_fusion_linear_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& m_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& gate, const at::Tensor& alpha) {
+  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha);
+  gated_fusion_check_grad_out(grad_out, m_in);
+  const c10::cuda::CUDAGuard guard(m_in.device());
+  const at::Tensor g = grad_out.contiguous(), m = m_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias = gated_fusion_linear_bias(bias_in);
+  const at::Tensor lam = gated_fusion_lambda(gate, alpha);
+  const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
+  const at::ScalarType acc = opmath_dtype(m.scalar_type());
+  const at::Tensor x2d = x.view({batch * tokens, k});
+  const at::Tensor z = linear_opmath_cuda(x2d, weight).view({batch, tokens, dim});
+
+  at::Tensor grad_m = at::empty(m.sizes(), m.options());
+  at::Tensor grad_z = at::empty(m.sizes(), m.options());
+  const at::Tensor partial = gated_fusion_elem_backward_cuda(g, m, z, bias, lam, grad_m, grad_z);
+  auto [grad_gate, grad_alpha] = gated_fusion_gate_alpha_grads(partial, gate, alpha);
+
+  const at::Tensor gz2d = grad_z.view({batch * tokens, dim});
+  at::Tensor grad_x = at::mm(gz2d, weight).view({batch, tokens, k});
+  at::Tensor grad_weight = at::mm(gz2d.t(), x2d);
+  at::Tensor grad_bias = at::sum(gz2d, {0}, false, acc).to(m.scalar_type());
+  return {grad_m, grad_x, grad_weight, grad_bias, grad_gate, grad_alpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tmd, CUDA, m) {
+  m.impl("gated_fusion_linear", &gated_fusion_linear_cuda);
+  m.impl("gated_fusion_linear_backward", &gated_fusion_linear_backward_cuda);
+}
+
+}  // namespace tmd
