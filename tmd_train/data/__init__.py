@@ -1,0 +1,1 @@
+"""Datasets on disk (`format`) and the procedural moving-shapes video world (`shapes`)."""
