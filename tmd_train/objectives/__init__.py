@@ -1,4 +1,5 @@
-"""Training objectives: stage 1 TM-MeanFlow (:mod:`.tm_meanflow`)."""
-from .tm_meanflow import TMMeanFlowConfig, exact_total_derivative, fd_head_pass, fd_times, tm_meanflow
+"""Training objectives, one module each (each returns ``(loss_dict, log_dict)``):
 
-__all__ = ["TMMeanFlowConfig", "exact_total_derivative", "fd_head_pass", "fd_times", "tm_meanflow"]
+* :mod:`.tm_meanflow` — stage 1, TM-MeanFlow pretraining of the flow head
+  (``from tmd_train.objectives.tm_meanflow import TMMeanFlowConfig, tm_meanflow``).
+"""
