@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from tmd_train.config import load_config
 from tmd_train.stage1 import Stage1Config, Stage1Trainer
@@ -25,6 +26,8 @@ def main() -> None:
     cfg = load_config(Stage1Config, None, sys.argv[2:])
     trainer = Stage1Trainer(cfg)
     assert trainer.world == 2 and dist.get_backend() == "gloo"
+    # FSDP2-sharded: every parameter but the 0-d ones (replicated) is a DTensor
+    assert all(isinstance(p, DTensor) != (p.dim() == 0) for p in trainer.model.parameters())
     trainer.forward_backward(1, next(trainer.batches(1)))
     grads = trainer.full_gradients()
     if trainer.is_main:

@@ -389,3 +389,21 @@ def test_bf16_autocast_step(gen):
         assert torch.isfinite(loss_dict["loss"]) and log["frac_fd"].item() > 0
         assert student.transformer.blocks[0].attn1.to_q.weight.grad is not None
         student.zero_grad(set_to_none=True)
+
+
+def test_module_calls_do_not_depend_on_the_draws(gen):
+    """FSDP needs every process to make the same module calls: with no r≠s row (equal_fraction=1)
+    the FD pass still runs, on one stand-in row whose result is discarded — the loss equals the
+    plain TM objective's on the same draws."""
+    student = make_student()
+    teacher = tiny_teacher(seed=0)
+    batch = make_batch(4, gen)
+    H = 2
+    with count_blocks(student.transformer.blocks[-H:], 1) as head:
+        loss_mf, log = tm_meanflow(student, batch, TMMeanFlowConfig(equal_fraction=1.0, cond_dropout=1.0),
+                                   torch.Generator().manual_seed(4), teacher=teacher)
+    assert log["frac_fd"].item() == 0 and log["frac_dropped"].item() == 1
+    assert head.rows == (4 + 2) * H
+    loss_tm, _ = tm_meanflow(student, batch, TMMeanFlowConfig(objective="tm", cond_dropout=1.0),
+                             torch.Generator().manual_seed(4), teacher=teacher)
+    torch.testing.assert_close(loss_mf["loss"], loss_tm["loss"], atol=0, rtol=0)

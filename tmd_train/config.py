@@ -5,7 +5,7 @@ Shared by every stage::
     cfg = load_config(Stage1Config, "cfg.yaml", ["lr=1e-4", "teacher.num_layers=4"])
 
 * A YAML file (optional) gives a mapping of field names; ``key=value`` overrides follow, their
-  values parsed as YAML (``steps=10``, ``betas=[0.9,0.99]``, ``c=null``); a dotted key
+  values parsed as YAML, ``1e-6`` included (``steps=10``, ``betas=[0.9,0.99]``, ``c=null``); a dotted key
   ``a.b=v`` sets entry ``b`` of the mapping field ``a``.
 * Values are checked against the field's type hint (``int``, ``float``, ``bool``, ``str``,
   ``dict``, ``list[...]``/``tuple[...]``, ``X | None`` and unions of those) and coerced where
@@ -16,6 +16,7 @@ Shared by every stage::
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,25 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 safe loader that also reads ``1e-6`` / ``3e-5`` (no dot) as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML (safe), reading exponent floats without a dot as floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _type_name(tp: Any) -> str:
@@ -41,14 +61,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ValueError(f"{key}: null is not allowed (expected {_type_name(tp)})")
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return coerce(value, arg, key)
-            except ValueError as e:
-                errors.append(str(e))
+            except ValueError:
+                continue
         raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
@@ -100,7 +119,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        out[key] = yaml_load(raw) if raw.strip() else ""
     return out
 
 
@@ -121,6 +140,8 @@ def config_from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
             kwargs[name] = value
     for name, entries in nested.items():
         base = kwargs.get(name, _default(fields[name]))
+        if base is None:  # a mapping field without a default value starts empty
+            base = {}
         if not isinstance(base, Mapping):
             raise ValueError(f"{name}.{next(iter(entries))}: {name} is not a mapping (it is {base!r})")
         base = dict(base)
@@ -164,7 +185,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml_load(path.read_text()) or {}
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{path}: the config must be a YAML mapping of field names")
         values.update(loaded)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .config import config_to_dict, load_config, save_config
 from .data.sources import DataSource, collate, masked_text, open_source
 from .models.student import FUSIONS, HEAD_TIMES, TMDStudent
+from .models.teacher import _cast_keeping_fp32 as cast_keeping_fp32
 from .models.teacher import load_teacher
 from .objectives.tm_meanflow import TMMeanFlowConfig, config_from, tm_meanflow
 from .training import (
@@ -50,6 +51,8 @@ from .training import (
     StepSampler,
     Throughput,
     all_reduce_mean,
+    average_gradients,
+    clip_grad_norm,
     gather_state,
     is_distributed,
     load_state,
@@ -188,16 +191,24 @@ class Stage1Model(nn.Module):
         return tm_meanflow(self.student, batch, self.objective, generator, teacher=teacher)
 
 
-def build_teacher(teacher: str | dict, seed: int) -> WanTransformer3DModel:
-    """The teacher in float32 on CPU: loaded from a folder, or random from a config (seeded)."""
-    if isinstance(teacher, dict):
-        cfg = dict(teacher)
-        if "patch_size" in cfg:
-            cfg["patch_size"] = tuple(cfg["patch_size"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return load_teacher(cfg, torch_dtype=torch.float32)
-    return load_teacher(teacher, torch_dtype=torch.float32)
+def build_models(teacher: str | dict, seed: int, *, copy: bool, **student_options: Any
+                 ) -> tuple[WanTransformer3DModel, TMDStudent]:
+    """``(teacher, student)`` on CPU in float32: the teacher loaded from a folder (or random from a
+    config), the student built from it (``copy``: on a deep copy, else adopting the teacher's
+    modules). Every random initialisation (a random teacher; the student's new layers) draws
+    from the global RNG seeded by ``seed`` inside a forked RNG state, so all processes and every
+    restart build the same models."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(teacher, dict):
+            tcfg = dict(teacher)
+            if "patch_size" in tcfg:
+                tcfg["patch_size"] = tuple(tcfg["patch_size"])
+            model = load_teacher(tcfg, torch_dtype=torch.float32)
+        else:
+            model = load_teacher(teacher, torch_dtype=torch.float32)
+        student = TMDStudent.from_teacher(model, copy=copy, **student_options)
+    return model, student
 
 
 def write_student(student: TMDStudent, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
@@ -237,11 +248,10 @@ class Stage1Trainer:
         amp = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if amp else None
 
-        teacher = build_teacher(cfg.teacher, cfg.seed)
         objective = cfg.objective_config
         needs_teacher = objective.cfg_source == "teacher" and objective.cfg_scale != 1.0
-        student = TMDStudent.from_teacher(teacher, head_blocks=cfg.head_blocks, fusion=cfg.fusion,
-                                          head_time=cfg.head_time, copy=needs_teacher)
+        teacher, student = build_models(cfg.teacher, cfg.seed, copy=needs_teacher, head_blocks=cfg.head_blocks,
+                                        fusion=cfg.fusion, head_time=cfg.head_time)
         student.to(self.device).train()
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -250,10 +260,13 @@ class Stage1Trainer:
         self.teacher: WanTransformer3DModel | None = None
         if needs_teacher:
             teacher.requires_grad_(False)
-            teacher.to(self.device, dtype=torch.bfloat16 if amp else torch.float32).eval()
+            if amp:  # the frozen teacher runs in bf16 (Wan's float32 modules stay float32)
+                cast_keeping_fp32(teacher, torch.bfloat16)
+            teacher.to(self.device)
             self.teacher = teacher
+        self.replicated: list[nn.Parameter] = []
         if self.world > 1:
-            shard_fsdp2(self.model, student.transformer.blocks, self.device.type)
+            self.replicated = shard_fsdp2(self.model, student.transformer.blocks, self.device.type)
             if self.teacher is not None:
                 shard_fsdp2(self.teacher, self.teacher.blocks, self.device.type)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -320,9 +333,9 @@ class Stage1Trainer:
         lr = lr_at(step, self.cfg.lr, self.cfg.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        average_gradients(self.replicated)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = local_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
         stepped = self.guard.ok(loss_local, grad_norm)
         if stepped:
             self.optimizer.step()
@@ -332,6 +345,7 @@ class Stage1Trainer:
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """Unsharded copies of the current gradients of the student (collective under FSDP),
         keyed like the student's parameters."""
+        average_gradients(self.replicated)
         return {name[len("student."):]: local_tensor(p.grad).detach().cpu().clone()
                 for name, p in self.model.named_parameters() if p.grad is not None}
 

@@ -24,6 +24,10 @@ plain ``v_in``) on a fraction of the samples. ``objective="tm"`` is the plain TM
 
 Randomness: every draw comes from the ``generator`` argument, in a fixed order (dropout, t,
 x1, y1, s, r=s choice), so a seeded generator repeats a step exactly.
+
+The sequence of module calls depends on the config only, never on the draws: a pass with no rows
+to process (no r≠s row, every row dropped) runs on one stand-in row and discards it. FSDP needs
+this — every process must issue the same collectives in the same order.
 """
 from __future__ import annotations
 
@@ -281,6 +285,13 @@ def _check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 
 # ---------------------------------------------------------------------------- the objective
+def _rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(rows, len(rows))``, or ``([0], 0)`` when empty: the pass then runs on one stand-in row
+    whose result is discarded, so the sequence of module calls never depends on the draws."""
+    n = rows.numel()
+    return (rows, n) if n else (torch.zeros(1, dtype=rows.dtype, device=rows.device), 0)
+
+
 def tm_meanflow(student: TMDStudent, batch: dict[str, torch.Tensor], cfg: TMMeanFlowConfig,
                 generator: torch.Generator, *, teacher: WanTransformer3DModel | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -321,27 +332,30 @@ def tm_meanflow(student: TMDStudent, batch: dict[str, torch.Tensor], cfg: TMMean
     u = student.velocity(y_s, s, r, feats, y1)
 
     s_plus, s_minus = fd_times(s, cfg.delta)
-    fd_rows = (r != s).nonzero().squeeze(1)
     u_plus = torch.zeros_like(u)
     u_minus = torch.zeros_like(u)
-    if fd_rows.numel() > 0:
+    if cfg.objective == "tm_meanflow":
+        fd_rows, n_fd = _rows((r != s).nonzero().squeeze(1))
         amp = contextlib.nullcontext() if cfg.fd_autocast else torch.autocast(device.type, enabled=False)
         fd_dtype = None if cfg.fd_autocast else student.dtype
         with amp:
             up, um = fd_head_pass(student, select_features(feats, fd_rows, dtype=fd_dtype),
                                   *(z.index_select(0, fd_rows) for z in (y_s, v_in, y1, s, r, s_plus, s_minus)))
-        u_plus.index_copy_(0, fd_rows, up.to(u.dtype))
-        u_minus.index_copy_(0, fd_rows, um.to(u.dtype))
+        if n_fd:
+            u_plus.index_copy_(0, fd_rows, up.to(u.dtype))
+            u_minus.index_copy_(0, fd_rows, um.to(u.dtype))
 
     v_g = v_in
-    kept = (~dropped).nonzero().squeeze(1)
-    if cfg.cfg_scale != 1.0 and kept.numel() > 0:
+    if cfg.cfg_scale != 1.0:
+        kept, n_kept = _rows((~dropped).nonzero().squeeze(1))
+
         def pick(z: torch.Tensor) -> torch.Tensor:
             return z.index_select(0, kept)
         u_unc = unconditional_velocity(student, teacher, cfg.cfg_source, pick(x_t), pick(t), pick(negative),
                                        pick(y_s), pick(s), pick(y1))
-        v_g = v_in.clone()
-        v_g.index_copy_(0, kept, cfg_target(pick(v_in), u_unc.to(v_in.dtype), cfg.cfg_scale))
+        if n_kept:
+            v_g = v_in.clone()
+            v_g.index_copy_(0, kept, cfg_target(pick(v_in), u_unc.to(v_in.dtype), cfg.cfg_scale))
 
     c = cfg.c_scale * float(u[0].numel())
     loss, mse = tmd_ext.meanflow_fd_loss(u, u_plus, u_minus, v_g, s, r, s_plus, s_minus, c)
