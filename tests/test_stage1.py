@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import TINY_CONFIG
+from tiny import TINY_CONFIG, randomize_zero_init
 
 import tmd_train.stage1 as stage1
 from tmd_train.config import config_from_dict, load_config
@@ -214,11 +214,36 @@ def test_config_yaml_overrides_and_validation(tmp_path):
 
 
 # ------------------------------------------------------------------ 2 processes (FSDP2 over gloo)
+def trained_like_student(tmp_path, **over) -> Path:
+    """A student folder for the tiny config whose zero-initialised layers (fusion gate and
+    modulation, α, the s and s-r embeddings) are non-zero, as after some training: at init their
+    gradients vanish (e.g. ∂/∂α ∝ gate = 0), which would hide errors in their handling."""
+    trainer = Stage1Trainer(tiny_cfg(tmp_path / "init-run", **over))
+    randomize_zero_init(trainer.student, torch.Generator().manual_seed(0), scale=0.1)
+    trainer.save_final(tmp_path / "init")
+    return tmp_path / "init"
+
+
+def test_init_student(tmp_path):
+    folder = trained_like_student(tmp_path)
+    trainer = Stage1Trainer(tiny_cfg(tmp_path / "run", init_student=str(folder)))
+    ref = load_file(str(folder / "model.safetensors"))
+    got = trainer.student.state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="head_blocks"):
+        Stage1Trainer(tiny_cfg(tmp_path / "run2", init_student=str(folder), head_blocks=1))
+    other = dict(tiny_values(tmp_path)["teacher"], ffn_dim=48)
+    with pytest.raises(ValueError, match="teacher architecture"):
+        Stage1Trainer(tiny_cfg(tmp_path / "run3", init_student=str(folder), teacher=other))
+
+
 @pytest.mark.slow
 def test_two_process_fsdp2_matches_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo, FSDP2 on every block and the root): the run completes,
-    and its step-1 gradients equal those of one process accumulating the same two chunks."""
-    over = dict(steps=3, checkpoint_every=2, batch_size=2, cfg_scale=3.0, equal_fraction=0.5)
+    and its step-1 gradients equal those of one process accumulating the same two chunks (from
+    a student whose zero-initialised layers are non-zero, so every gradient is)."""
+    over = dict(steps=3, checkpoint_every=2, batch_size=2, cfg_scale=3.0, equal_fraction=0.5,
+                init_student=str(trained_like_student(tmp_path)))
     values = tiny_values(tmp_path / "dist", **over)
     overrides = [f"{k}={json.dumps(v)}" for k, v in values.items() if k != "teacher"]
     overrides += [f"teacher.{k}={json.dumps(v)}" for k, v in values["teacher"].items()]
@@ -238,5 +263,6 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
     ref = single.full_gradients()
     got = torch.load(tmp_path / "grads.pt")
     assert got.keys() == ref.keys()
+    assert ref["fusion.alpha"].abs() > 0                      # the replicated 0-d parameter
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-4, msg=k)

@@ -76,6 +76,7 @@ class Stage1Config:
 
     Model: ``teacher`` (a Wan2.1 diffusers folder / transformer folder, or a
     ``WanTransformer3DModel`` config mapping for a random teacher seeded by ``seed``),
+    ``init_student`` (optional: start from this ``TMDStudent`` folder instead of the teacher),
     ``head_blocks`` H, ``fusion``, ``head_time``.
     Data: ``data`` (a dataset folder, DESIGN.md §5, or ``"synthetic"``: ``synthetic_samples``
     samples of ``synthetic_latent_size`` (F, H, W) and ``synthetic_text_len`` tokens),
@@ -91,6 +92,7 @@ class Stage1Config:
     """
 
     teacher: str | dict | None = None
+    init_student: str | None = None
     head_blocks: int = 5
     fusion: str = "gated"
     head_time: str = "outer"
@@ -191,23 +193,45 @@ class Stage1Model(nn.Module):
         return tm_meanflow(self.student, batch, self.objective, generator, teacher=teacher)
 
 
-def build_models(teacher: str | dict, seed: int, *, copy: bool, **student_options: Any
-                 ) -> tuple[WanTransformer3DModel, TMDStudent]:
-    """``(teacher, student)`` on CPU in float32: the teacher loaded from a folder (or random from a
-    config), the student built from it (``copy``: on a deep copy, else adopting the teacher's
-    modules). Every random initialisation (a random teacher; the student's new layers) draws
-    from the global RNG seeded by ``seed`` inside a forked RNG state, so all processes and every
-    restart build the same models."""
+def _load_teacher(teacher: str | dict) -> WanTransformer3DModel:
+    if isinstance(teacher, dict):
+        tcfg = dict(teacher)
+        if "patch_size" in tcfg:
+            tcfg["patch_size"] = tuple(tcfg["patch_size"])
+        return load_teacher(tcfg, torch_dtype=torch.float32)
+    return load_teacher(teacher, torch_dtype=torch.float32)
+
+
+def build_models(teacher: str | dict, seed: int, *, need_teacher: bool, init_student: str | None = None,
+                 **student_options: Any) -> tuple[WanTransformer3DModel | None, TMDStudent]:
+    """``(teacher, student)`` on CPU in float32.
+
+    The teacher is loaded from a folder (or random from a config). The student is built from it
+    (on a deep copy when the frozen teacher is needed later, else adopting its modules), or, with
+    ``init_student``, loaded from that :meth:`TMDStudent.from_pretrained` folder (its options and
+    teacher architecture must match; the teacher is then loaded only if ``need_teacher``).
+    Every random initialisation (a random teacher; the student's new layers) draws from the
+    global RNG seeded by ``seed`` inside a forked RNG state, so all processes and every restart
+    build the same models.
+
+    Raises:
+        ValueError: ``init_student`` does not match the configured student or teacher.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if isinstance(teacher, dict):
-            tcfg = dict(teacher)
-            if "patch_size" in tcfg:
-                tcfg["patch_size"] = tuple(tcfg["patch_size"])
-            model = load_teacher(tcfg, torch_dtype=torch.float32)
-        else:
-            model = load_teacher(teacher, torch_dtype=torch.float32)
-        student = TMDStudent.from_teacher(model, copy=copy, **student_options)
+        model = _load_teacher(teacher) if (need_teacher or init_student is None) else None
+        if init_student is None:
+            return (model if need_teacher else None), TMDStudent.from_teacher(model, copy=need_teacher,
+                                                                              **student_options)
+    student = TMDStudent.from_pretrained(init_student, torch_dtype=torch.float32)
+    for key, value in student_options.items():
+        if getattr(student.config, key) != value:
+            raise ValueError(f"init_student {init_student} has {key}={getattr(student.config, key)!r}, "
+                             f"the config says {value!r}")
+    if model is not None:
+        ref = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
+        if student.teacher_config != ref:
+            raise ValueError(f"init_student {init_student} was built on another teacher architecture")
     return model, student
 
 
@@ -250,7 +274,8 @@ class Stage1Trainer:
 
         objective = cfg.objective_config
         needs_teacher = objective.cfg_source == "teacher" and objective.cfg_scale != 1.0
-        teacher, student = build_models(cfg.teacher, cfg.seed, copy=needs_teacher, head_blocks=cfg.head_blocks,
+        teacher, student = build_models(cfg.teacher, cfg.seed, need_teacher=needs_teacher,
+                                        init_student=cfg.init_student, head_blocks=cfg.head_blocks,
                                         fusion=cfg.fusion, head_time=cfg.head_time)
         student.to(self.device).train()
         if cfg.gradient_checkpointing:
@@ -258,7 +283,7 @@ class Stage1Trainer:
         self.student = student
         self.model = Stage1Model(student, objective)
         self.teacher: WanTransformer3DModel | None = None
-        if needs_teacher:
+        if teacher is not None:
             teacher.requires_grad_(False)
             if amp:  # the frozen teacher runs in bf16 (Wan's float32 modules stay float32)
                 cast_keeping_fp32(teacher, torch.bfloat16)
