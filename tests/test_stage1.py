@@ -266,3 +266,9 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
     assert ref["fusion.alpha"].abs() > 0                      # the replicated 0-d parameter
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_shipped_config_loads():
+    cfg = load_config(Stage1Config, ROOT / "configs" / "stage1_wan2.1_1.3b.yaml")
+    assert (cfg.head_blocks, cfg.inner_steps, cfg.outer_steps, cfg.lr) == (5, 2, 2, 3e-5)
+    assert cfg.objective_config.delta == 5e-3 and cfg.objective_config.equal_fraction == 0.75
