@@ -53,18 +53,28 @@ inline void meanflow_fd_loss_check(const at::Tensor& u, const at::Tensor& u_plus
   TORCH_CHECK(std::isfinite(c) && c > 0, "c must be a finite number > 0, got ", c);
 }
 
-// Validates the time values and returns the coefficients. Reading the values costs a host sync
-// on CUDA (one small .item()).
+// Validates the time values and returns the coefficients on the device of the times. The times
+// are read on the host in one [4, B] float64 copy (on CUDA: one device-to-host copy, i.e. a host
+// sync per call), where the check is free and the coefficients take a loop instead of a chain of
+// small tensor ops.
 inline MeanflowFdCoeffs meanflow_fd_coeffs(const at::Tensor& s, const at::Tensor& r, const at::Tensor& s_plus,
                                            const at::Tensor& s_minus, at::ScalarType data) {
-  const at::Tensor sd = s.to(at::kDouble), rd = r.to(at::kDouble);
-  const at::Tensor spd = s_plus.to(at::kDouble), smd = s_minus.to(at::kDouble);
-  const at::Tensor fd = sd != rd;
-  TORCH_CHECK(!at::logical_and(fd, spd == smd).any().item<bool>(),
-              "s_plus must differ from s_minus on every row with s != r (the finite-difference step "
-              "s_plus - s_minus is zero there)");
-  const at::Tensor a = at::where(fd, (sd - rd) / (spd - smd), 0.0).to(opmath_dtype(data)).contiguous();
-  return {a, fd.contiguous()};
+  const at::Tensor times = at::stack({s, r, s_plus, s_minus}).to(at::kCPU, at::kDouble).contiguous();
+  const int64_t batch = s.size(0);
+  const double* sv = times.data_ptr<double>();
+  const double *rv = sv + batch, *spv = sv + 2 * batch, *smv = sv + 3 * batch;
+  at::Tensor a = at::empty({batch}, times.options());
+  at::Tensor fd = at::empty({batch}, times.options().dtype(at::kBool));
+  double* av = a.data_ptr<double>();
+  bool* fdv = fd.data_ptr<bool>();
+  for (int64_t b = 0; b < batch; ++b) {
+    fdv[b] = sv[b] != rv[b];
+    TORCH_CHECK(!fdv[b] || spv[b] != smv[b], "s_plus must differ from s_minus on every row with s != r (the ",
+                "finite-difference step s_plus - s_minus is zero there); row ", b, " has s = ", sv[b], ", r = ", rv[b],
+                ", s_plus = s_minus = ", spv[b]);
+    av[b] = fdv[b] ? (sv[b] - rv[b]) / (spv[b] - smv[b]) : 0.0;
+  }
+  return {a.to(s.device(), opmath_dtype(data)), fd.to(s.device())};
 }
 
 // Checks of the backward's own arguments (the forward inputs are checked by meanflow_fd_loss_check).
