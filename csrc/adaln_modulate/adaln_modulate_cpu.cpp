@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "adaln_modulate/adaln_modulate.h"
 #include "adaln_modulate/adaln_modulate_common.h"
@@ -31,49 +32,51 @@ acc_t lane_sum(int64_t n, F f) {
   return s;
 }
 
+// One row of the forward; `xf` [D] is scratch for the row in acc_t (converted once).
 template <typename scalar_t, typename acc_t>
-void forward_row(const AdalnModulateParams<scalar_t, acc_t>& p, int64_t row) {
+void forward_row(const AdalnModulateParams<scalar_t, acc_t>& p, int64_t row, acc_t* xf) {
   const int64_t D = p.dim, b = row / p.tokens;
   const scalar_t* x = p.x + row * D;
   const scalar_t* shift = p.shift + b * D;
   const scalar_t* scale = p.scale + b * D;
   scalar_t* out = p.out + row * D;
-  const acc_t mean = lane_sum<acc_t>(D, [&](int64_t d) { return static_cast<acc_t>(x[d]); }) / D;
+  for (int64_t d = 0; d < D; ++d) xf[d] = static_cast<acc_t>(x[d]);
+  const acc_t mean = lane_sum<acc_t>(D, [&](int64_t d) { return xf[d]; }) / D;
   const acc_t var = lane_sum<acc_t>(D, [&](int64_t d) {
-                      const acc_t c = static_cast<acc_t>(x[d]) - mean;
+                      const acc_t c = xf[d] - mean;
                       return c * c;
                     }) / D;
   const acc_t rstd = adaln_rstd<acc_t>(var, p.eps);
   for (int64_t d = 0; d < D; ++d) {
-    const acc_t xhat = adaln_xhat<acc_t>(static_cast<acc_t>(x[d]), mean, rstd);
-    out[d] = static_cast<scalar_t>(
-        adaln_modulate_elem<acc_t>(xhat, static_cast<acc_t>(shift[d]), static_cast<acc_t>(scale[d])));
+    out[d] = static_cast<scalar_t>(adaln_modulate_elem<acc_t>(
+        adaln_xhat<acc_t>(xf[d], mean, rstd), static_cast<acc_t>(shift[d]), static_cast<acc_t>(scale[d])));
   }
   p.mean[row] = mean;
   p.rstd[row] = rstd;
 }
 
 // grad_x of one row, adding g and g·xhat into the chunk's partial column sums ps, pk [D].
+// `gf`, `xh`, `gxh` [D] are scratch rows in acc_t.
 template <typename scalar_t, typename acc_t>
-void backward_row(const AdalnModulateBackwardParams<scalar_t, acc_t>& p, int64_t row, acc_t* ps,
-                  acc_t* pk) {
+void backward_row(const AdalnModulateBackwardParams<scalar_t, acc_t>& p, int64_t row, acc_t* ps, acc_t* pk,
+                  acc_t* gf, acc_t* xh, acc_t* gxh) {
   const int64_t D = p.dim, b = row / p.tokens;
   const scalar_t* g = p.grad_out + row * D;
   const scalar_t* x = p.x + row * D;
   const scalar_t* scale = p.scale + b * D;
   scalar_t* gx = p.grad_x + row * D;
   const acc_t mean = p.mean[row], rstd = p.rstd[row];
-  auto gxh = [&](int64_t d) {
-    return adaln_grad_xhat<acc_t>(static_cast<acc_t>(g[d]), static_cast<acc_t>(scale[d]));
-  };
-  auto xhat = [&](int64_t d) { return adaln_xhat<acc_t>(static_cast<acc_t>(x[d]), mean, rstd); };
-  const acc_t m1 = lane_sum<acc_t>(D, gxh) / D;
-  const acc_t m2 = lane_sum<acc_t>(D, [&](int64_t d) { return gxh(d) * xhat(d); }) / D;
   for (int64_t d = 0; d < D; ++d) {
-    const acc_t xh = xhat(d), gd = static_cast<acc_t>(g[d]);
-    gx[d] = static_cast<scalar_t>(adaln_grad_x_elem<acc_t>(gxh(d), xh, rstd, m1, m2));
-    ps[d] += gd;
-    pk[d] += gd * xh;
+    gf[d] = static_cast<acc_t>(g[d]);
+    xh[d] = adaln_xhat<acc_t>(static_cast<acc_t>(x[d]), mean, rstd);
+    gxh[d] = adaln_grad_xhat<acc_t>(gf[d], static_cast<acc_t>(scale[d]));
+  }
+  const acc_t m1 = lane_sum<acc_t>(D, [&](int64_t d) { return gxh[d]; }) / D;
+  const acc_t m2 = lane_sum<acc_t>(D, [&](int64_t d) { return gxh[d] * xh[d]; }) / D;
+  for (int64_t d = 0; d < D; ++d) {
+    gx[d] = static_cast<scalar_t>(adaln_grad_x_elem<acc_t>(gxh[d], xh[d], rstd, m1, m2));
+    ps[d] += gf[d];
+    pk[d] += gf[d] * xh[d];
   }
 }
 
@@ -90,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_cpu(const at::Tens
         xc.data_ptr<scalar_t>(), shc.data_ptr<scalar_t>(), scc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
         mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), B, T, D, static_cast<acc_t>(eps)};
     at::parallel_for(0, B * T, std::max<int64_t>(1, kGrainElems / D), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) forward_row(p, row);
+      std::vector<acc_t> xf(D);
+      for (int64_t row = begin; row < end; ++row) forward_row(p, row, xf.data());
     });
   });
   return {out, mean, rstd};
@@ -120,11 +124,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward_cpu(const
         rc.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), partial_shift.data_ptr<acc_t>(),
         partial_scale.data_ptr<acc_t>(), B, T, D, n_chunks};
     at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(3 * D);
+      acc_t* gf = scratch.data();
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / n_chunks, t0 = (task % n_chunks) * rows_per_chunk;
         const int64_t t1 = std::min(T, t0 + rows_per_chunk);
         for (int64_t t = t0; t < t1; ++t) {
-          backward_row(p, b * T + t, p.partial_shift + task * D, p.partial_scale + task * D);
+          backward_row(p, b * T + t, p.partial_shift + task * D, p.partial_scale + task * D, gf, gf + D, gf + 2 * D);
         }
       }
     });
