@@ -20,7 +20,7 @@ TORCH_LIBRARY(tmd, m) {
   // On sm_90a a CUTLASS TMA+WGMMA GEMM whose epilogue applies the fusion (z never hits memory).
   m.def("gated_fusion_linear(Tensor m, Tensor x, Tensor weight, Tensor? bias, Tensor gate, Tensor alpha) -> Tensor");
   // Gradients of gated_fusion_linear w.r.t. m, x, weight, bias (zeros-shaped [D] sum even when
-  // bias is None; the Python side drops it), gate, alpha. Recomputes z.
+  // bias is None; the Python side drops it), gate, alpha. Needs no z: sum_t g*z comes from g_bᵀ·x_b.
   m.def("gated_fusion_linear_backward(Tensor grad_out, Tensor m, Tensor x, Tensor weight, Tensor? bias, Tensor gate, Tensor alpha) -> (Tensor grad_m, Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate, Tensor grad_alpha)");
 
   // One inner-flow step: y - (s-r)[:,None..]*(y1 - head_out); y, head_out, y1 [B,...], s, r [B].

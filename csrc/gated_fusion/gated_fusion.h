@@ -44,8 +44,9 @@ struct GatedFusionParams {
 };
 
 // One fused pass of the backward over grad_out, m, z: writes grad_m (scalar_t) and grad_z (gz_t),
-// and partial[c,b,d] = sum over the tokens of chunk c of g*(z - m) (acc_t, [n_chunks,B,D]); the
-// caller sums the chunks (fixed order: deterministic, no float atomics).
+// and partial[c,b,d] = sum over the tokens of chunk c of g*(z + bias - m) (acc_t, [n_chunks,B,D]);
+// the caller sums the chunks (fixed order: deterministic, no float atomics). z may be null, then
+// taken as 0 (gated_fusion_linear adds the sum of g*(x·weightᵀ) from a GEMM instead).
 template <typename scalar_t, typename z_t, typename acc_t, typename gz_t>
 struct GatedFusionBackwardParams {
   const scalar_t* grad_out;

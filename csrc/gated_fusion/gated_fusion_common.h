@@ -60,13 +60,12 @@ inline int64_t gated_fusion_cpu_chunk_tokens(int64_t tokens) {
   return (tokens + kMaxChunks - 1) / kMaxChunks;
 }
 
-// From partial [n_chunks,B,D] (opmath) of g*(z - m): P = sum over chunks,
-// grad_gate = sigmoid(alpha)*P (dtype of gate), grad_alpha = s(1-s)*sum(gate*P) (0-d, dtype of alpha).
-inline std::tuple<at::Tensor, at::Tensor> gated_fusion_gate_alpha_grads(const at::Tensor& partial,
+// From p[b,d] = sum over tokens of g*(z - m) (opmath [B,D]): grad_gate = sigmoid(alpha)*p (dtype
+// of gate), grad_alpha = s(1-s)*sum(gate*p) (0-d, dtype of alpha).
+inline std::tuple<at::Tensor, at::Tensor> gated_fusion_gate_alpha_grads(const at::Tensor& p,
                                                                        const at::Tensor& gate,
                                                                        const at::Tensor& alpha) {
-  const at::ScalarType acc = partial.scalar_type();
-  const at::Tensor p = partial.sum(0);
+  const at::ScalarType acc = p.scalar_type();
   const at::Tensor s = at::sigmoid(alpha.to(acc));
   at::Tensor grad_gate = (s * p).to(gate.scalar_type()).contiguous();
   at::Tensor grad_alpha = (s * (1 - s) * (gate.to(acc) * p).sum()).to(alpha.scalar_type());
@@ -91,19 +90,21 @@ void gated_fusion_dispatch_opmath(bool opmath, F&& f) {
 // m, z, out, grad_out, grad_m, grad_z [B,T,D]; z and grad_z of the dtype of m or its opmath dtype;
 // bias [D] of the dtype of m (added to z) or nullopt; lam [B,D] opmath (gated_fusion_lambda).
 // The backward writes grad_m = g*(1-lam) (dtype of m), grad_z = g*lam, and returns the opmath
-// partial sums [n_chunks,B,D] of g*(z+bias-m) over token chunks for
-// gated_fusion_gate_alpha_grads.
+// partial sums [n_chunks,B,D] of g*(z+bias-m) over token chunks (z nullopt: taken as 0), whose
+// sum over chunks feeds gated_fusion_gate_alpha_grads.
 void gated_fusion_elem_forward_cpu(const at::Tensor& m, const at::Tensor& z,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& lam,
                                    at::Tensor& out);
 at::Tensor gated_fusion_elem_backward_cpu(const at::Tensor& grad_out, const at::Tensor& m,
-                                          const at::Tensor& z, const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& z,
+                                          const std::optional<at::Tensor>& bias,
                                           const at::Tensor& lam, at::Tensor& grad_m, at::Tensor& grad_z);
 void gated_fusion_elem_forward_cuda(const at::Tensor& m, const at::Tensor& z,
                                     const std::optional<at::Tensor>& bias, const at::Tensor& lam,
                                     at::Tensor& out);
 at::Tensor gated_fusion_elem_backward_cuda(const at::Tensor& grad_out, const at::Tensor& m,
-                                           const at::Tensor& z, const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& z,
+                                           const std::optional<at::Tensor>& bias,
                                            const at::Tensor& lam, at::Tensor& grad_m, at::Tensor& grad_z);
 
 }  // namespace tmd

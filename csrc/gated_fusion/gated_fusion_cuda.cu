@@ -19,12 +19,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// The VEC values z[v*VEC ...] (+ bias[d0 ...]) in acc_t.
+// The VEC values z[v*VEC ...] (0 when z is null) + bias[d0 ...] (when not null) in acc_t.
 template <typename scalar_t, typename z_t, typename acc_t, int VEC>
 __device__ __forceinline__ void load_z(const z_t* z, const scalar_t* bias, int64_t v, int64_t d0, acc_t (&out)[VEC]) {
-  const AlignedVec<z_t, VEC> zv = reinterpret_cast<const AlignedVec<z_t, VEC>*>(z)[v];
+  if (z != nullptr) {
+    const AlignedVec<z_t, VEC> zv = reinterpret_cast<const AlignedVec<z_t, VEC>*>(z)[v];
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = static_cast<acc_t>(zv.v[k]);
+    for (int k = 0; k < VEC; ++k) out[k] = static_cast<acc_t>(zv.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = acc_t(0);
+  }
   if (bias != nullptr) {
     const AlignedVec<scalar_t, VEC> bv = *reinterpret_cast<const AlignedVec<scalar_t, VEC>*>(bias + d0);
 #pragma unroll
@@ -134,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_fusion_backward
   at::Tensor grad_m = at::empty(mc.sizes(), mc.options());
   at::Tensor grad_z = at::empty(mc.sizes(), mc.options());
   const at::Tensor partial = gated_fusion_elem_backward_cuda(gc, mc, zc, std::nullopt, lam, grad_m, grad_z);
-  auto [grad_gate, grad_alpha] = gated_fusion_gate_alpha_grads(partial, gate, alpha);
+  auto [grad_gate, grad_alpha] = gated_fusion_gate_alpha_grads(partial.sum(0), gate, alpha);
   return {grad_m, grad_z, grad_gate, grad_alpha};
 }
 
@@ -167,7 +172,8 @@ void gated_fusion_elem_forward_cuda(const at::Tensor& m, const at::Tensor& z,
 }
 
 at::Tensor gated_fusion_elem_backward_cuda(const at::Tensor& grad_out, const at::Tensor& m,
-                                           const at::Tensor& z, const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& z,
+                                           const std::optional<at::Tensor>& bias,
                                            const at::Tensor& lam, at::Tensor& grad_m, at::Tensor& grad_z) {
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -175,14 +181,15 @@ at::Tensor gated_fusion_elem_backward_cuda(const at::Tensor& grad_out, const at:
   at::Tensor partial;
   TMD_DISPATCH_FLOATING(m.scalar_type(), "gated_fusion_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gated_fusion_dispatch_opmath<scalar_t>(z.scalar_type() != m.scalar_type(), [&](auto z_tag) {
+    gated_fusion_dispatch_opmath<scalar_t>(z && z->scalar_type() != m.scalar_type(), [&](auto z_tag) {
       using z_t = decltype(z_tag);
       gated_fusion_dispatch_opmath<scalar_t>(grad_z.scalar_type() != m.scalar_type(), [&](auto gz_tag) {
         using gz_t = decltype(gz_tag);
         constexpr int VEC = vec_width<scalar_t>();
         const bool vec = vectorizable(
             dim, VEC, {{grad_out.data_ptr(), (int)sizeof(scalar_t)}, {m.data_ptr(), (int)sizeof(scalar_t)},
-                       {z.data_ptr(), (int)sizeof(z_t)}, {bias ? bias->data_ptr() : nullptr, (int)sizeof(scalar_t)},
+                       {z ? z->data_ptr() : nullptr, (int)sizeof(z_t)},
+                       {bias ? bias->data_ptr() : nullptr, (int)sizeof(scalar_t)},
                        {lam.data_ptr(), (int)sizeof(acc_t)}, {grad_m.data_ptr(), (int)sizeof(scalar_t)},
                        {grad_z.data_ptr(), (int)sizeof(gz_t)}});
         const int vec_used = vec ? VEC : 1;
@@ -200,7 +207,7 @@ at::Tensor gated_fusion_elem_backward_cuda(const at::Tensor& grad_out, const at:
         TORCH_CHECK(blocks <= INT_MAX, "gated_fusion backward: B*D too large (", blocks, " blocks)");
         partial = at::empty({n_chunks, batch, dim}, lam.options());
         const GatedFusionBackwardParams<scalar_t, z_t, acc_t, gz_t> p{
-            grad_out.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), z.data_ptr<z_t>(),
+            grad_out.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), z ? z->data_ptr<z_t>() : nullptr,
             bias ? bias->data_ptr<scalar_t>() : nullptr, lam.data_ptr<acc_t>(),
             grad_m.data_ptr<scalar_t>(), grad_z.data_ptr<gz_t>(), partial.data_ptr<acc_t>(),
             batch, tokens, dim, chunk, n_chunks};

@@ -1,10 +1,19 @@
-// Argument checks of gated_fusion_linear shared by the CPU and CUDA entry points. The fusion itself
-// (lam, the elementwise launchers, the gate/alpha gradients) comes from gated_fusion_common.h.
+// Argument checks and the backward's small tensor math of gated_fusion_linear, shared by the CPU
+// and CUDA entry points. The fusion itself (lam, the elementwise launchers, the gate/alpha
+// gradients) comes from gated_fusion_common.h.
+//
+// The backward does not recompute z. With g = grad_out and G_b = g_bᵀ·x_b ([B,D,K], opmath; one
+// GEMM of the FLOPs of grad_weight's):
+//   grad_weight[d,k] = sum_b lam[b,d]*G_b[d,k]                 (grad_z = g*lam)
+//   sum_t g*(z - m)  = sum_k weight[d,k]*G_b[d,k] + sum_t g*(bias - m)
+// where the last sum comes from the elementwise pass run without z. So the backward is one
+// elementwise pass and two GEMMs (G and grad_x = grad_z·weight), as for an unfused linear.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 #include "core/checks.h"
 #include "gated_fusion/gated_fusion_common.h"
@@ -43,6 +52,18 @@ inline void gated_fusion_linear_check(const at::Tensor& m, const at::Tensor& x, 
   if (bias) check_shape(*bias, {dim}, "bias");
   check_shape(gate, {batch, dim}, "gate");
   gated_fusion_check_alpha(alpha);
+}
+
+// From G [B,D,K] and the elementwise pass's partial sums [n_chunks,B,D] of g*(bias - m) (both
+// opmath): grad_weight (dtype of weight), grad_gate, grad_alpha.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_fusion_linear_weight_gate_alpha_grads(
+    const at::Tensor& gt_x, const at::Tensor& partial, const at::Tensor& weight, const at::Tensor& lam,
+    const at::Tensor& gate, const at::Tensor& alpha) {
+  const at::ScalarType acc = gt_x.scalar_type();
+  at::Tensor grad_weight = (lam.unsqueeze(-1) * gt_x).sum(0).to(weight.scalar_type());
+  const at::Tensor p = partial.sum(0) + (gt_x * weight.to(acc)).sum(-1);
+  auto [grad_gate, grad_alpha] = gated_fusion_gate_alpha_grads(p, gate, alpha);
+  return {grad_weight, grad_gate, grad_alpha};
 }
 
 // The contiguous bias, or nullopt.

@@ -1,6 +1,7 @@
 // CPU kernels of gated_fusion_linear (the twin of gated_fusion_linear_cuda.cu): z = x·weightᵀ as an
 // opmath GEMM on upcast operands (never rounded to the input dtype), then the gated_fusion
-// elementwise pass adding the bias. The backward recomputes z and runs its GEMMs in opmath too.
+// elementwise pass adding the bias. The backward (gated_fusion_linear_common.h) runs its GEMMs in
+// opmath too, grad_z included.
 #include <torch/library.h>
 
 #include "gated_fusion_linear/gated_fusion_linear_common.h"
@@ -39,17 +40,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const std::optional<at::Tensor> bias = gated_fusion_linear_bias(bias_in);
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
   const at::ScalarType dtype = m.scalar_type(), acc = opmath_dtype(dtype);
-  const at::Tensor x2d = x.view({batch * tokens, k});
-  const at::Tensor z = linear_opmath_cpu(x2d, weight).view({batch, tokens, dim});
 
   at::Tensor grad_m = at::empty(m.sizes(), m.options());
   at::Tensor grad_z = at::empty(m.sizes(), m.options().dtype(acc));
-  const at::Tensor partial = gated_fusion_elem_backward_cpu(g, m, z, bias, lam, grad_m, grad_z);
-  auto [grad_gate, grad_alpha] = gated_fusion_gate_alpha_grads(partial, gate, alpha);
+  const at::Tensor partial = gated_fusion_elem_backward_cpu(g, m, std::nullopt, bias, lam, grad_m, grad_z);
+  const at::Tensor gt_x = at::bmm(g.to(acc).transpose(1, 2), x.to(acc));  // [B, D, K]
+  auto [grad_weight, grad_gate, grad_alpha] =
+      gated_fusion_linear_weight_gate_alpha_grads(gt_x, partial, weight, lam, gate, alpha);
 
   const at::Tensor gz2d = grad_z.view({batch * tokens, dim});
   at::Tensor grad_x = at::mm(gz2d, weight.to(acc)).to(dtype).view({batch, tokens, k});
-  at::Tensor grad_weight = at::mm(gz2d.t(), x2d.to(acc)).to(dtype);
   at::Tensor grad_bias = gz2d.sum(0).to(dtype);
   return {grad_m, grad_x, grad_weight, grad_bias, grad_gate, grad_alpha};
 }

@@ -2,8 +2,9 @@
 // z = x·weightᵀ by cuBLAS with an fp32 output for 16-bit inputs (never rounded to the input
 // dtype), then the gated_fusion elementwise kernel adding the bias. On sm_90a the CUTLASS GEMM
 // with the fusion in its epilogue (gated_fusion_linear_sm90.h) replaces both when it supports the
-// case. The backward recomputes z, runs one fused elementwise pass (grad_m, grad_z in the input
-// dtype, the gate/alpha partial sums), then the two cuBLAS GEMMs of grad_x and grad_weight.
+// case. The backward (gated_fusion_linear_common.h) does not recompute z: one fused elementwise
+// pass (grad_m, grad_z in the input dtype, partial sums of g*(bias - m)), then two cuBLAS GEMMs,
+// G_b = g_bᵀ·x_b with an fp32 output and grad_x = grad_z·weight.
 #include <torch/library.h>
 
 #include "core/cuda_utils.cuh"
@@ -19,6 +20,13 @@ at::Tensor linear_opmath_cuda(const at::Tensor& x2d, const at::Tensor& weight) {
   const at::ScalarType acc = opmath_dtype(x2d.scalar_type());
   if (x2d.scalar_type() == acc) return at::mm(x2d, weight.t());
   return at::mm(x2d, weight.t(), acc);
+}
+
+// G_b = g_bᵀ·x_b: [B, D, K] in the opmath dtype (aten::bmm.dtype for 16-bit inputs).
+at::Tensor gt_x_opmath_cuda(const at::Tensor& g, const at::Tensor& x) {
+  const at::ScalarType acc = opmath_dtype(x.scalar_type());
+  if (x.scalar_type() == acc) return at::bmm(g.transpose(1, 2), x);
+  return at::bmm(g.transpose(1, 2), x, acc);
 }
 
 at::Tensor gated_fusion_linear_cuda(const at::Tensor& m_in, const at::Tensor& x_in, const at::Tensor& weight_in,
@@ -49,17 +57,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lam = gated_fusion_lambda(gate, alpha);
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
   const at::ScalarType acc = opmath_dtype(m.scalar_type());
-  const at::Tensor x2d = x.view({batch * tokens, k});
-  const at::Tensor z = linear_opmath_cuda(x2d, weight).view({batch, tokens, dim});
 
   at::Tensor grad_m = at::empty(m.sizes(), m.options());
   at::Tensor grad_z = at::empty(m.sizes(), m.options());
-  const at::Tensor partial = gated_fusion_elem_backward_cuda(g, m, z, bias, lam, grad_m, grad_z);
-  auto [grad_gate, grad_alpha] = gated_fusion_gate_alpha_grads(partial, gate, alpha);
+  const at::Tensor partial = gated_fusion_elem_backward_cuda(g, m, std::nullopt, bias, lam, grad_m, grad_z);
+  auto [grad_weight, grad_gate, grad_alpha] =
+      gated_fusion_linear_weight_gate_alpha_grads(gt_x_opmath_cuda(g, x), partial, weight, lam, gate, alpha);
 
   const at::Tensor gz2d = grad_z.view({batch * tokens, dim});
   at::Tensor grad_x = at::mm(gz2d, weight).view({batch, tokens, k});
-  at::Tensor grad_weight = at::mm(gz2d.t(), x2d);
   at::Tensor grad_bias = at::sum(gz2d, {0}, false, acc).to(m.scalar_type());
   return {grad_m, grad_x, grad_weight, grad_bias, grad_gate, grad_alpha};
 }
