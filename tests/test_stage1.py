@@ -167,6 +167,20 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+def test_bf16_autocast_run(tmp_path):
+    """mixed_precision=bf16 (on CPU here; "auto" picks it on GPU): bf16 autocast steps, the frozen
+    teacher in bf16 with Wan's float32 modules kept, float32 master weights."""
+    trainer = Stage1Trainer(tiny_cfg(tmp_path, steps=2, mixed_precision="bf16"))
+    assert trainer.autocast_dtype == torch.bfloat16
+    assert trainer.teacher.blocks[0].ffn.net[0].proj.weight.dtype == torch.bfloat16
+    assert trainer.teacher.blocks[0].scale_shift_table.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    assert [r["stepped"] for r in rows] == [1.0, 1.0] and all(0 < r["loss"] < 1 for r in rows)
+    assert Stage1Trainer(tiny_cfg(tmp_path / "cpu")).autocast_dtype is None          # auto: off on CPU
+
+
 def test_dataset_folder(tmp_path, gen):
     """data=<folder>: a dataset written in the DESIGN.md §5 format trains like the synthetic one."""
     n, L, D = 6, 3, TINY_CONFIG["text_dim"]
@@ -257,6 +271,15 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
     assert (ckpt / "rng_state_0.pt").is_file() and (ckpt / "rng_state_1.pt").is_file()
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
     TMDStudent.from_pretrained(tmp_path / "dist" / "student")
+
+    # the CLI itself, 2 processes, resuming the run above (FSDP2 state loaded from the checkpoint)
+    cli = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tmd_train.stage1", *overrides, "steps=5", "--resume", "latest"]
+    proc = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "stage1: 5 steps, 0 skipped" in proc.stdout
+    assert [row["step"] for row in read_metrics(tmp_path / "dist")] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in list_checkpoints(tmp_path / "dist")] == [3, 4, 5]          # keep_last=3
 
     single = Stage1Trainer(tiny_cfg(tmp_path / "single", grad_accum_steps=2, **over))
     single.forward_backward(1, next(single.batches(1)))

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import config_to_dict, load_config, save_config
+from .config import load_config, save_config
 from .data.sources import DataSource, collate, masked_text, open_source
 from .models.student import FUSIONS, HEAD_TIMES, TMDStudent
 from .models.teacher import _cast_keeping_fp32 as cast_keeping_fp32
@@ -462,7 +462,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     final = trainer.fit(resume)
     if trainer.is_main:
         print(f"stage1: {trainer.step} steps, {trainer.guard.skipped} skipped; student written to {final}")
-        print(f"stage1: resolved config {config_to_dict(cfg)}", file=sys.stderr)
     if is_distributed():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
