@@ -1,0 +1,46 @@
+"""Worker of the 2-process FSDP2 test (launched by ``torchrun`` from tests/test_stage1.py).
+
+    torchrun --nproc_per_node 2 tests/stage1_dist_worker.py OUT key=value ...
+
+Builds the stage-1 trainer from the overrides, computes the gradients of step 1 and saves them
+(unsharded) to ``OUT/grads.pt``, then trains the configured steps with ``fit()`` (checkpoints and
+the final student under ``output_dir``). Exits with ``os._exit(0)`` after tearing the process
+group down (gloo sometimes aborts at interpreter exit otherwise).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from tmd_train.config import load_config
+from tmd_train.stage1 import Stage1Config, Stage1Trainer
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    cfg = load_config(Stage1Config, None, sys.argv[2:])
+    trainer = Stage1Trainer(cfg)
+    assert trainer.world == 2 and dist.get_backend() == "gloo"
+    # FSDP2-sharded: every parameter but the 0-d ones (replicated) is a DTensor
+    assert all(isinstance(p, DTensor) != (p.dim() == 0) for p in trainer.model.parameters())
+    trainer.forward_backward(1, next(trainer.batches(1)))
+    grads = trainer.full_gradients()
+    if trainer.is_main:
+        torch.save(grads, out / "grads.pt")
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.fit()
+    if trainer.is_main:
+        (out / "done").write_text(f"{trainer.step}\n")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
