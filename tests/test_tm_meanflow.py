@@ -144,10 +144,10 @@ def _fd_vs_exact(student, gen, s, r, deltas=(5e-3,)):
 def test_fd_pass_matches_exact_jvp(gen):
     """The accuracy bar: float64, zero-initialised time layers made non-zero (else ∂u/∂s = 0 and
     only the y direction would be checked; the s direction is checked to be a large share), a
-    head whose sinusoids of s keep ω_max·δ = 0.02 (time_max_freq=4): the fused FD derivative
+    head with the default sinusoids of s (ω_max = 4 rad/unit, ω_max·δ = 0.02): the fused FD derivative
     matches the exact JVP (tangent (v_in, 1, 0) in (y_s, s, r), features fixed) to < 1e-4 per
     sample at δ = 5e-3 (measured 5–7e-5), and the error is second order: ×4 at 2δ."""
-    student = make_student(seed=5, dtype=F64, gen=gen, time_max_freq=4.0)
+    student = make_student(seed=5, dtype=F64, gen=gen)
     with true_float64():
         (err, err2), s_share = _fd_vs_exact(student, gen, S_TEST, R_TEST, deltas=(5e-3, 1e-2))
     assert bool((s_share > 0.3).all()), s_share
@@ -157,10 +157,10 @@ def test_fd_pass_matches_exact_jvp(gen):
 
 
 def test_fd_error_default_time_embedding(gen, capsys):
-    """Measured, not hidden (DESIGN.md §1): with the default ω_max = 10 rad/unit (ω_max·δ = 0.05)
+    """Measured, not hidden (DESIGN.md §1): with ω_max = 10 rad/unit (ω_max·δ = 0.05, DESIGN.md's ceiling)
     the truncation error at δ = 5e-3 is ≈ (ω_max·δ)²/6 ≈ 4e-4; with Wan's float32 islands kept,
     their rounding noise adds ~1e-4·(scale of the model). Both stay below 1e-3."""
-    student = make_student(seed=5, dtype=F64, gen=gen)
+    student = make_student(seed=5, dtype=F64, gen=gen, time_max_freq=10.0)
     with true_float64():
         (err,), s_share = _fd_vs_exact(student, gen, S_TEST, R_TEST)
     (err_islands,), _ = _fd_vs_exact(student, gen, S_TEST, R_TEST)

@@ -40,7 +40,7 @@ class GatedFusion(nn.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int | None = None, eps: float = 1e-6, *,
-                 time_num_freqs: int = 32, time_min_freq: float = 0.1, time_max_freq: float = 10.0) -> None:
+                 time_num_freqs: int = 32, time_min_freq: float = 0.1, time_max_freq: float = 4.0) -> None:
         super().__init__()
         hidden_dim = hidden_dim or dim
         self.eps = eps

@@ -24,7 +24,7 @@ class SmoothTimeEmbedding(nn.Module):
             (used for the head's added embeddings of ``s`` and ``s - r``).
     """
 
-    def __init__(self, dim: int, num_freqs: int = 32, min_freq: float = 0.1, max_freq: float = 10.0,
+    def __init__(self, dim: int, num_freqs: int = 32, min_freq: float = 0.1, max_freq: float = 4.0,
                  zero_init: bool = True) -> None:
         super().__init__()
         if num_freqs < 1:
