@@ -1,0 +1,187 @@
+"""Stage 2: DMD2-v with flow-head roll-out — the generator sample, the DMD (VSD) loss and the
+fake-score loss (DESIGN.md §1 "Stage 2"; PAPER_NOTES §1.5, §5). The GAN part lives in
+:mod:`tmd_train.models.discriminator`.
+
+Per sample (``x`` clean data, ``x1`` outer noise, ``t`` a student-grid time)::
+
+    x_t = (1-t)·x + t·x1,   m = backbone(x_t, t, text)
+    x̂ = x_t - t·InnerFlow(m; y1)            # gradients through all N inner steps
+    τ = clip(shift(U, γ=5), 0.001, 0.999),  ε ~ N,  x̂_τ = (1-τ)·x̂ + τ·ε
+    x0_real = x̂_τ - τ·v_cfg(x̂_τ, τ)          # teacher, CFG 5 with the negative prompt, no grad
+    x0_fake = x̂_τ - τ·v_fake(x̂_τ, τ)         # fake score, no grad
+    grad = (x0_fake - x0_real) / mean|x̂ - x0_real|   (per sample, nan_to_num)
+    L_dmd = ½·mean((x̂ - sg(x̂ - grad))²)
+
+Reduction: ``L_dmd`` is DMD2's ``0.5·F.mse_loss(x̂, sg(x̂ - grad), reduction="mean")`` — the mean
+over every element of the batch — so ``dL/dx̂ = grad / x̂.numel()``.
+
+The fake score (a trainable copy of the teacher, a ``WanTransformer3DModel``) is trained with
+the flow-matching loss on ``sg(x̂)``: ``x_τ = (1-τ)·x̂ + τ·ε``, target ``ε - x̂``, MSE (mean) of
+its velocity; ``τ`` from the same shifted distribution as the DMD time by default
+(``fake_time="shifted"``), uniform in ``[t_min, t_max]`` with ``fake_time="uniform"``.
+
+Randomness: every draw comes from the ``generator`` argument, in a fixed order (τ, then ε).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from ..models.student import TMDStudent
+from ..models.teacher import teacher_velocity
+from ..schedules import shift_time
+from .tm_meanflow import _normal, _per_sample, _uniform
+
+FAKE_TIMES = ("shifted", "uniform")
+
+
+@dataclass(frozen=True)
+class DMDConfig:
+    """Options of the DMD and fake-score losses (defaults: the paper's recipe).
+
+    Attributes:
+        t_shift: shift γ of the DMD noise time ``τ`` (5).
+        t_min, t_max: clip range of ``τ`` ([0.001, 0.999]).
+        cfg_scale: CFG scale of the teacher in ``x0_real`` (5; 1 disables CFG).
+        fake_time: ``"shifted"`` (τ as in the DMD loss) or ``"uniform"`` (U[t_min, t_max]) for
+            the fake-score loss.
+    """
+
+    t_shift: float = 5.0
+    t_min: float = 0.001
+    t_max: float = 0.999
+    cfg_scale: float = 5.0
+    fake_time: str = "shifted"
+
+    def __post_init__(self) -> None:
+        if not self.t_shift > 0:
+            raise ValueError(f"t_shift must be > 0, got {self.t_shift!r}")
+        if not 0 <= self.t_min < self.t_max <= 1:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        if not self.cfg_scale > 0:
+            raise ValueError(f"cfg_scale must be > 0, got {self.cfg_scale!r}")
+        if self.fake_time not in FAKE_TIMES:
+            raise ValueError(f"fake_time must be one of {FAKE_TIMES}, got {self.fake_time!r}")
+
+
+def sample_dmd_time(batch: int, cfg: DMDConfig, generator: torch.Generator, device: torch.device,
+                    shifted: bool = True) -> torch.Tensor:
+    """``[B]`` float64 ``τ = clip(shift(U, t_shift), t_min, t_max)`` (``shifted=False``:
+    ``t_min + (t_max - t_min)·U``)."""
+    u = _uniform(batch, generator, device)
+    if shifted:
+        return shift_time(u, cfg.t_shift).clamp(cfg.t_min, cfg.t_max)
+    return cfg.t_min + (cfg.t_max - cfg.t_min) * u
+
+
+def _noised(x: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``(1-t)·x + t·x1`` with per-sample ``t [B]``."""
+    tt = _per_sample(t, x)
+    return (1 - tt) * x + tt * x1
+
+
+def generator_sample(student: TMDStudent, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
+                     text: torch.Tensor, y1: torch.Tensor, s_grid: torch.Tensor,
+                     checkpoint: bool = False) -> torch.Tensor:
+    """The TMD generator output ``x̂ = x_t - t·InnerFlow(backbone(x_t, t, text); y1)`` with
+    ``x_t = (1-t)·x0 + t·x1``, differentiable through the backbone and all N inner steps.
+
+    Args:
+        x0: ``[B, C, F, H, W]`` clean data; x1: the outer noise (same shape).
+        t: ``[B]`` student-grid flow times.
+        text: ``[B, L, D]`` text states.
+        y1: ``[B, C, F, H, W]`` inner start noise.
+        s_grid: ``[N+1]`` or ``[B, N+1]`` ascending inner grid (see :meth:`TMDStudent.inner_flow`).
+        checkpoint: recompute each inner step in backward instead of storing it.
+    Returns:
+        ``x̂ [B, C, F, H, W]`` in the dtype of ``x0``.
+    """
+    x_t = _noised(x0, x1, t)
+    feats = student.backbone(x_t, t, text)
+    y_hat = student.inner_flow(feats, y1.to(x0.dtype), s_grid, grad=True, checkpoint=checkpoint)
+    return x_t - _per_sample(t, x_t) * y_hat.to(x_t.dtype)
+
+
+def generator_sample_plain(student: WanTransformer3DModel, x0: torch.Tensor, x1: torch.Tensor,
+                           t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The DMD2-v baseline generator (a plain few-step Wan student): ``x̂ = x_t - t·v(x_t, t)``,
+    ``x_t = (1-t)·x0 + t·x1``. Shapes as in :func:`generator_sample`; differentiable."""
+    x_t = _noised(x0, x1, t)
+    return x_t - _per_sample(t, x_t) * teacher_velocity(student, x_t, t, text)
+
+
+def _negative(negative_text: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``[L, D]`` or ``[B, L, D]`` negative-prompt embedding -> ``[B, L, D]`` like ``text``."""
+    if negative_text.dim() == 2:
+        negative_text = negative_text.unsqueeze(0).expand(text.shape[0], -1, -1)
+    if tuple(negative_text.shape) != tuple(text.shape):
+        raise ValueError(f"negative_text must be [L, D] or [B, L, D] matching text {tuple(text.shape)}, "
+                         f"got {tuple(negative_text.shape)}")
+    return negative_text.to(text.dtype)
+
+
+@torch.no_grad()
+def cfg_velocity(teacher: WanTransformer3DModel, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                 negative_text: torch.Tensor, scale: float) -> torch.Tensor:
+    """``v_neg + scale·(v_text - v_neg)`` (no grad; one batched pass over ``2B`` rows;
+    ``v_text`` alone when ``scale == 1``). Shapes: ``x [B, C, F, H, W]``, ``t [B]``."""
+    if scale == 1.0:
+        return teacher_velocity(teacher, x, t, text)
+    neg = _negative(negative_text, text)
+    v_c, v_n = teacher_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, neg])).chunk(2)
+    return v_n + scale * (v_c - v_n)
+
+
+def dmd_loss(x_hat: torch.Tensor, teacher: WanTransformer3DModel, fake_score: WanTransformer3DModel,
+             text: torch.Tensor, negative_text: torch.Tensor, cfg: DMDConfig, generator: torch.Generator
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The DMD (VSD) loss of the generator output (module docstring for the formulas).
+
+    Args:
+        x_hat: ``[B, C, F, H, W]`` generator output (with its autograd graph).
+        teacher: frozen teacher (CFG branch), fake_score: the critic; both run without grad.
+        text: ``[B, L, D]``; negative_text: ``[L, D]`` or ``[B, L, D]``.
+        cfg: :class:`DMDConfig`; generator: source of τ and ε.
+    Returns:
+        ``({"loss": L_dmd}, log)``; log holds detached ``loss``, ``grad_norm`` (mean per-sample
+        RMS of ``grad``), ``normaliser`` (mean of ``mean|x̂ - x0_real|``), ``tau_mean``.
+    """
+    B, device, dtype = x_hat.shape[0], x_hat.device, x_hat.dtype
+    tau = sample_dmd_time(B, cfg, generator, device)
+    eps = _normal(tuple(x_hat.shape), generator, device, dtype)
+    with torch.no_grad():
+        x = x_hat.detach()
+        x_tau = _noised(x, eps, tau)
+        tt = _per_sample(tau, x)
+        x0_real = x_tau - tt * cfg_velocity(teacher, x_tau, tau, text, negative_text, cfg.cfg_scale)
+        x0_fake = x_tau - tt * teacher_velocity(fake_score, x_tau, tau, text)
+        norm = (x - x0_real).abs().flatten(1).mean(1)
+        grad = torch.nan_to_num((x0_fake - x0_real) / _per_sample(norm, x))
+        target = x - grad
+    loss = 0.5 * torch.nn.functional.mse_loss(x_hat, target, reduction="mean")
+    log = {"loss": loss.detach(), "grad_norm": grad.flatten(1).pow(2).mean(1).sqrt().mean(),
+           "normaliser": norm.mean(), "tau_mean": tau.mean()}
+    return {"loss": loss}, log
+
+
+def fake_score_loss(fake_score: WanTransformer3DModel, x_hat: torch.Tensor, text: torch.Tensor,
+                    cfg: DMDConfig, generator: torch.Generator
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Flow-matching loss of the fake score on ``sg(x̂)``: ``x_τ = (1-τ)·x̂ + τ·ε``,
+    ``loss = mean((v_fake(x_τ, τ) - (ε - x̂))²)``; τ per ``cfg.fake_time``.
+
+    Args:
+        x_hat: ``[B, C, F, H, W]`` generator output (detached here).
+        text: ``[B, L, D]``.
+    Returns:
+        ``({"loss": loss}, {"loss", "tau_mean"})``.
+    """
+    x = x_hat.detach()
+    B, device, dtype = x.shape[0], x.device, x.dtype
+    tau = sample_dmd_time(B, cfg, generator, device, shifted=cfg.fake_time == "shifted")
+    eps = _normal(tuple(x.shape), generator, device, dtype)
+    v = teacher_velocity(fake_score, _noised(x, eps, tau), tau, text)
+    loss = torch.nn.functional.mse_loss(v.to(dtype), eps - x, reduction="mean")
+    return {"loss": loss}, {"loss": loss.detach(), "tau_mean": tau.mean()}
