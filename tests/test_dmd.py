@@ -18,6 +18,7 @@ from tmd_train.objectives.dmd import (
     DMDConfig,
     dmd_loss,
     fake_score_loss,
+    gan_inputs,
     generator_sample,
     generator_sample_plain,
 )
@@ -209,10 +210,10 @@ def test_gan_losses_route_gradients():
     disc = Conv3DDiscriminator.for_teacher(teacher, width=8, groups=4)
     x0, x1, t, text, y1, _ = data()
     x_hat = generator_sample(student, x0, x1, t, text, y1, shifted_grid(2, 10.0, 0.999))
-    tau = torch.tensor([0.3, 0.8], dtype=torch.float64)
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
-    fake_t = (1 - per(tau, x0)) * x_hat + per(tau, x0) * eps
-    real_t = (1 - per(tau, x0)) * x0 + per(tau, x0) * eps
+    real_t, fake_t, tau = gan_inputs(x0, x_hat, DMDConfig(), torch.Generator().manual_seed(9))
+    assert real_t.shape == fake_t.shape == x0.shape and tau.shape == (B,)
+    assert bool(((tau >= 0.001) & (tau <= 0.999)).all())
+    torch.testing.assert_close(real_t - fake_t, (1 - per(tau, x0)) * (x0 - x_hat))
 
     g_loss = gan_generator_loss(disc, teacher, fake_t, tau, text)
     assert g_loss.ndim == 0 and torch.isfinite(g_loss)

@@ -20,6 +20,8 @@ the flow-matching loss on ``sg(x̂)``: ``x_τ = (1-τ)·x̂ + τ·ε``, target `
 its velocity; ``τ`` from the same shifted distribution as the DMD time by default
 (``fake_time="shifted"``), uniform in ``[t_min, t_max]`` with ``fake_time="uniform"``.
 
+:func:`gan_inputs` noises data and x̂ at one τ (drawn like the DMD time) with one ε for the GAN.
+
 Randomness: every draw comes from the ``generator`` argument, in a fixed order (τ, then ε).
 """
 from __future__ import annotations
@@ -185,3 +187,20 @@ def fake_score_loss(fake_score: WanTransformer3DModel, x_hat: torch.Tensor, text
     v = teacher_velocity(fake_score, _noised(x, eps, tau), tau, text)
     loss = torch.nn.functional.mse_loss(v.to(dtype), eps - x, reduction="mean")
     return {"loss": loss}, {"loss": loss.detach(), "tau_mean": tau.mean()}
+
+
+def gan_inputs(x_real: torch.Tensor, x_hat: torch.Tensor, cfg: DMDConfig, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The discriminator's inputs: real = noised data, fake = noised ``x̂`` at the SAME ``τ``
+    (drawn like the DMD time) and the same ``ε``; ``fake_t`` keeps ``x̂``'s graph.
+
+    Args:
+        x_real: ``[B, C, F, H, W]`` data latents; x_hat: the generator output (same shape).
+    Returns:
+        ``(real_t, fake_t, τ [B] float64)``.
+    """
+    if x_real.shape != x_hat.shape:
+        raise ValueError(f"x_real {tuple(x_real.shape)} and x_hat {tuple(x_hat.shape)} must have one shape")
+    tau = sample_dmd_time(x_hat.shape[0], cfg, generator, x_hat.device)
+    eps = _normal(tuple(x_hat.shape), generator, x_hat.device, x_hat.dtype)
+    return _noised(x_real.to(x_hat.dtype), eps, tau), _noised(x_hat, eps, tau), tau
