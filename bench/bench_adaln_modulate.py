@@ -7,11 +7,10 @@ fp64): the forward reads x (N·e) and shift, scale (2·B·D·e) and writes out (
 grad_x (N·e), grad_shift, grad_scale (2·B·D·e). fwd+bwd counts both."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import torch
-from common import Table, dtype_name, dtypes_from, maybe_compile, parser
+from common import Table, dtype_name, dtypes_from, fwd_bwd, maybe_compile, parser
 
 import tmd_ext
 from tmd_ext import reference
@@ -25,11 +24,6 @@ def bytes_moved(b: int, t: int, d: int, dtype: torch.dtype) -> tuple[int, int]:
     fwd = 2 * n * e + 2 * bd * e + 2 * bt * a
     bwd = 3 * n * e + 3 * bd * e + 2 * bt * a
     return fwd, fwd + bwd
-
-
-def fwd_bwd(fn: Callable, leaves: list[torch.Tensor], grad_out: torch.Tensor) -> None:
-    """One forward and backward of `fn(*leaves)` with the upstream gradient `grad_out`."""
-    torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
 
 def main() -> None:
@@ -57,9 +51,9 @@ def main() -> None:
             leaves = [t.detach().requires_grad_() for t in (x, shift, scale)]
             g = torch.randn_like(x)
             table.add_case(case + " fwd+bwd", fwd_bwd_bytes, {
-                "tmd": partial(fwd_bwd, tmd_ext.adaln_modulate, leaves, g),
-                "eager": partial(fwd_bwd, reference.adaln_modulate, leaves, g),
-                "compile": partial(fwd_bwd, ref_c, leaves, g) if ref_c else None,
+                "tmd": fwd_bwd(tmd_ext.adaln_modulate, leaves, leaves, g),
+                "eager": fwd_bwd(reference.adaln_modulate, leaves, leaves, g),
+                "compile": fwd_bwd(ref_c, leaves, leaves, g) if ref_c else None,
             }, args.reps)
     table.print()
     if args.save:

@@ -4,7 +4,7 @@ and torch.compile of the reference. Bytes model: forward reads y, head_out, y1 a
 from __future__ import annotations
 
 import torch
-from common import Table, dtype_name, dtypes_from, maybe_compile, parser
+from common import Table, dtype_name, dtypes_from, fwd_bwd, maybe_compile, parser
 
 import tmd_ext
 from tmd_ext import reference
@@ -35,16 +35,10 @@ def main() -> None:
             leaves = [t.detach().requires_grad_() for t in (y, h, y1)]
             g = torch.randn_like(y)
 
-            def fwd_bwd(fn):
-                def run():
-                    out = fn(*leaves, s, r)
-                    torch.autograd.grad(out, leaves, g)
-                return run
-
             table.add_case(case + " fwd+bwd", 7 * n, {
-                "tmd": fwd_bwd(tmd_ext.flow_step),
-                "eager": fwd_bwd(reference.flow_step),
-                "compile": fwd_bwd(ref_c) if ref_c else None,
+                "tmd": fwd_bwd(tmd_ext.flow_step, (*leaves, s, r), leaves, g),
+                "eager": fwd_bwd(reference.flow_step, (*leaves, s, r), leaves, g),
+                "compile": fwd_bwd(ref_c, (*leaves, s, r), leaves, g) if ref_c else None,
             }, args.reps)
     table.print()
     if args.save:

@@ -6,7 +6,7 @@ elements of the input dtype."""
 from __future__ import annotations
 
 import torch
-from common import Table, dtype_name, dtypes_from, maybe_compile, parser
+from common import Table, dtype_name, dtypes_from, fwd_bwd, maybe_compile, parser
 
 import tmd_ext
 from tmd_ext import reference
@@ -38,16 +38,10 @@ def main() -> None:
             leaves = [x.detach().requires_grad_() for x in (m, z, gate, alpha)]
             g = torch.randn_like(m)
 
-            def fwd_bwd(fn, leaves=leaves, g=g):
-                def run():
-                    out = fn(*leaves)
-                    torch.autograd.grad(out, leaves, g)
-                return run
-
             table.add_case(case + " fwd+bwd", (8 * btd + 3 * bd) * es, {
-                "tmd": fwd_bwd(tmd_ext.gated_fusion),
-                "eager": fwd_bwd(reference.gated_fusion),
-                "compile": fwd_bwd(ref_c) if ref_c else None,
+                "tmd": fwd_bwd(tmd_ext.gated_fusion, leaves, leaves, g),
+                "eager": fwd_bwd(reference.gated_fusion, leaves, leaves, g),
+                "compile": fwd_bwd(ref_c, leaves, leaves, g) if ref_c else None,
             }, args.reps)
     table.print()
     if args.save:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from common import Table, dtype_name, dtypes_from, maybe_compile, parser
+from common import Table, dtype_name, dtypes_from, fwd_bwd, maybe_compile, parser
 
 import tmd_ext
 from tmd_ext import reference
@@ -52,17 +52,11 @@ def main() -> None:
             leaves = [v.detach().requires_grad_() for v in inputs]
             g = torch.randn_like(m)
 
-            def fwd_bwd(fn, leaves=leaves, g=g):
-                def run():
-                    out = fn(*leaves)
-                    torch.autograd.grad(out, leaves, g)
-                return run
-
             table.add_case(case + " fwd+bwd", 3 * flop, {
-                "tmd": fwd_bwd(tmd_ext.gated_fusion_linear),
-                "eager": fwd_bwd(reference.gated_fusion_linear),
-                "compile": fwd_bwd(ref_c) if ref_c else None,
-                "unfused": fwd_bwd(unfused),
+                "tmd": fwd_bwd(tmd_ext.gated_fusion_linear, leaves, leaves, g),
+                "eager": fwd_bwd(reference.gated_fusion_linear, leaves, leaves, g),
+                "compile": fwd_bwd(ref_c, leaves, leaves, g) if ref_c else None,
+                "unfused": fwd_bwd(unfused, leaves, leaves, g),
             }, args.reps)
     table.print()
     unfused_ms = {r["case"]: r["ms"] for r in table.rows if r["provider"] == "unfused"}

@@ -5,7 +5,7 @@ every provider must read all four inputs. Bytes model: forward reads u, u_plus, 
 from __future__ import annotations
 
 import torch
-from common import Table, dtype_name, dtypes_from, maybe_compile, parser
+from common import Table, dtype_name, dtypes_from, fwd_bwd, maybe_compile, parser
 
 import tmd_ext
 from tmd_ext import reference
@@ -41,16 +41,10 @@ def main() -> None:
             leaf = u.detach().requires_grad_()
             g_loss, g_mse = torch.full((b,), 1.0 / b, device=dev), torch.full((b,), 0.1, device=dev)
 
-            def fwd_bwd(fn):
-                def run():
-                    loss, mse = fn(leaf, *rest)
-                    torch.autograd.grad((loss, mse), [leaf], (g_loss, g_mse))
-                return run
-
             table.add_case(case + " fwd+bwd", 9 * n, {
-                "tmd": fwd_bwd(tmd_ext.meanflow_fd_loss),
-                "eager": fwd_bwd(reference.meanflow_fd_loss),
-                "compile": fwd_bwd(ref_c) if ref_c else None,
+                "tmd": fwd_bwd(tmd_ext.meanflow_fd_loss, (leaf, *rest), [leaf], (g_loss, g_mse)),
+                "eager": fwd_bwd(reference.meanflow_fd_loss, (leaf, *rest), [leaf], (g_loss, g_mse)),
+                "compile": fwd_bwd(ref_c, (leaf, *rest), [leaf], (g_loss, g_mse)) if ref_c else None,
             }, args.reps)
     table.print()
     if args.save:

@@ -99,6 +99,14 @@ def copy_bandwidth_gbs(device: str) -> float:
     return _PEAK[device]
 
 
+def fwd_bwd(fn: Callable, inputs: tuple, leaves: list[torch.Tensor], grad_out) -> Callable[[], None]:
+    """A provider timing one forward and backward: ``fn(*inputs)``, then the gradients of its
+    output(s) w.r.t. ``leaves`` for the upstream gradient(s) ``grad_out``."""
+    def run() -> None:
+        torch.autograd.grad(fn(*inputs), leaves, grad_out)
+    return run
+
+
 def maybe_compile(fn: Callable, enabled: bool) -> Callable | None:
     if not enabled:
         return None
