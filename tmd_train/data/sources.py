@@ -4,6 +4,7 @@ negative-prompt embedding ``(text_emb [L, D], text_mask [L])``.
 
 * :class:`SyntheticSource` — deterministic random latents and text embeddings shaped for a
   teacher config (tests, smoke runs; no files).
+* :class:`ShapesSource` — the toy world's clips rendered on the fly (``data="shapes"``).
 * a dataset folder (DESIGN.md §5) — :class:`~tmd_train.data.format.LatentDataset` and
   :func:`~tmd_train.data.format.load_negative`.
 
@@ -84,15 +85,50 @@ class SyntheticSource:
         return self._negative.clone(), torch.ones(self.text_len, dtype=torch.bool)
 
 
+class ShapesSource:
+    """The moving-shapes world (:mod:`tmd_train.data.shapes`) as a source: item ``i`` is clip ``i``
+    of world seed ``seed`` (pixel space, ``[3, 8, 32, 32]`` in [-1, 1]) with its prompt encoded by the
+    toy text encoder; rendered on the fly (about 1 ms a clip), deterministic in ``(seed, i)``.
+    The negative is the empty prompt."""
+
+    def __init__(self, num_samples: int, seed: int = 0, p_two: float = 0.0) -> None:
+        from .shapes import WorldConfig
+        if num_samples < 1:
+            raise ValueError(f"ShapesSource: num_samples must be >= 1, got {num_samples}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.world = WorldConfig(p_two=p_two)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from ..text import toy_encoder
+        from .shapes import make_clip
+        i = int(i)
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        clip = make_clip(self.seed, i, self.world)
+        emb, mask = toy_encoder.encode([clip.prompt])
+        return {"latents": clip.video, "text_emb": emb[0], "text_mask": mask[0], "prompt": clip.prompt, "index": i}
+
+    def negative(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..text import toy_encoder
+        return toy_encoder.encode_negative()
+
+
 def open_source(data: str, *, teacher_config: Mapping[str, Any] | None = None, synthetic_samples: int = 64,
                 synthetic_latent_size: Sequence[int] = (3, 8, 8), synthetic_text_len: int = 8, seed: int = 0
                 ) -> tuple[DataSource, tuple[torch.Tensor, torch.Tensor]]:
     """``(source, (negative_emb [L, D], negative_mask [L]))`` for ``data``: ``"synthetic"`` (a
-    :class:`SyntheticSource` for ``teacher_config``) or a dataset folder.
+    :class:`SyntheticSource` for ``teacher_config``), ``"shapes"`` (a :class:`ShapesSource` of
+    ``synthetic_samples`` clips of world seed ``seed``) or a dataset folder.
 
     Raises:
         FileNotFoundError / DatasetFormatError: a folder that is not a valid dataset.
     """
+    if data == "shapes":
+        return (src := ShapesSource(synthetic_samples, seed=seed)), src.negative()
     if data == "synthetic":
         if teacher_config is None:
             raise ValueError("data='synthetic' needs the teacher config (for the latent channels and text_dim)")

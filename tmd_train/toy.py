@@ -1,0 +1,42 @@
+"""The toy world's fixed pieces: the tiny pixel-space teacher architecture, where its shipped
+weights live, and the defaults every stage falls back to when run with no arguments.
+
+The toy teacher is a ``WanTransformer3DModel`` working directly on RGB clips ``[3, 8, 32, 32]`` in
+``[-1, 1]`` (no VAE), conditioned on :mod:`tmd_train.text.toy_encoder` embeddings ``[12, 32]``.
+Its trained weights are shipped in ``tmd_train/assets/toy_teacher/`` (a diffusers model folder,
+``load_teacher`` reads it); ``tmd_train/assets/README.md`` records the command that produced them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .text import toy_encoder
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+#: The shipped toy teacher (config.json + diffusion_pytorch_model.safetensors).
+TOY_TEACHER_DIR = ASSETS / "toy_teacher"
+#: Clip shape ``(C, F, H, W)``: pixel space.
+TOY_CLIP_SHAPE = (3, 8, 32, 32)
+
+#: The toy teacher's architecture: 6 blocks of width 96 (3 heads x 32), FFN 256, patch (1, 4, 4)
+#: (8 x 8 x 8 = 512 tokens per clip), text [12, 32]. 0.9 M parameters.
+TOY_TEACHER_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 4, 4), "num_attention_heads": 3, "attention_head_dim": 32, "in_channels": 3,
+    "out_channels": 3, "text_dim": toy_encoder.TEXT_DIM, "freq_dim": 64, "ffn_dim": 256, "num_layers": 6,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 64,
+}
+
+
+def toy_teacher_available() -> bool:
+    """Whether the shipped toy teacher weights are present."""
+    return (TOY_TEACHER_DIR / "config.json").is_file() and any(TOY_TEACHER_DIR.glob("*.safetensors"))
+
+
+def require_toy_teacher() -> Path:
+    """``TOY_TEACHER_DIR`` if the shipped weights are there; FileNotFoundError saying what to do otherwise."""
+    if not toy_teacher_available():
+        raise FileNotFoundError(
+            f"the toy teacher is not in {TOY_TEACHER_DIR}: train it with `python -m tmd_train.teacher` "
+            "or pass teacher=<a Wan2.1 diffusers folder> (and data=<dataset folder>)")
+    return TOY_TEACHER_DIR
