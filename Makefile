@@ -1,11 +1,14 @@
 # tmd — two commands for a fresh machine:
-#   make demo   builds, then runs the kernel benchmarks on CPU at a small size
+#   make demo   sets up, then runs the toy-world demo (stage 1 + stage 2 on the shipped teacher) -> runs/demo/report.md
+#   make bench  runs every benchmark (BENCH_ARGS, default --small; on the GPU when there is one)
 #   make test   creates .venv if missing, installs torch (the CUDA build where available) + the project, runs pytest
 # In an environment that already has torch >= 2.11 and no network (e.g. the GPU machine): make test VENV=
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?= --small
 export MAX_JOBS
 
 ifeq ($(strip $(VENV)),)
@@ -19,14 +22,17 @@ endif
 DEPS := numpy ninja pytest expecttest ruff safetensors tqdm pyyaml "diffusers>=0.33" "transformers>=4.45" \
         "accelerate>=1.0" sentencepiece imageio imageio-ffmpeg tensorboard matplotlib
 
-.PHONY: test demo build clean lint FORCE
+.PHONY: test demo bench build clean lint FORCE
 
 test: $(READY)
 	$(PY) -c "import tmd_ext, json; print('tmd_ext build:', json.dumps(tmd_ext.build_info()))"
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 demo: $(READY)
-	@for b in bench/bench_*.py; do echo "== $$b"; (cd bench && PYTHONPATH=$(CURDIR) $(PY) $$(basename $$b) --small --device cpu) || exit 1; done
+	$(PY) -m tmd_train.demo $(DEMO_ARGS)
+
+bench: $(READY)
+	@for b in bench/bench_*.py; do echo "== $$b"; (cd bench && PYTHONPATH=$(CURDIR) $(PY) $$(basename $$b) $(BENCH_ARGS)) || exit 1; done
 
 lint: $(READY)
 	$(PY) -m ruff check .

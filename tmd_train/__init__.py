@@ -2,11 +2,26 @@
 
 Public API: :mod:`tmd_train.models` (``load_teacher``, ``TMDStudent``), :mod:`tmd_train.sampling`
 (samplers and NFE), :mod:`tmd_train.schedules` (timestep shift and grids).
-"""
-from .models import Features, StudentConfig, TMDStudent, load_teacher, teacher_velocity
-from .sampling import Sample, effective_nfe, sample_few_step, sample_teacher, sample_tmd
-from .schedules import shift_time, shifted_grid
 
-__all__ = ["Features", "Sample", "StudentConfig", "TMDStudent", "effective_nfe", "load_teacher",
-           "sample_few_step", "sample_teacher", "sample_tmd", "shift_time", "shifted_grid",
-           "teacher_velocity"]
+The names below are imported lazily (PEP 562), so tools that need no compiled op — the toy world's
+data, text encoder and teacher trainer — run without the ``tmd_ext`` extension being built.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Features": "models", "StudentConfig": "models", "TMDStudent": "models", "load_teacher": "models",
+    "teacher_velocity": "models", "Sample": "sampling", "effective_nfe": "sampling",
+    "sample_few_step": "sampling", "sample_teacher": "sampling", "sample_tmd": "sampling",
+    "shift_time": "schedules", "shifted_grid": "schedules",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,98 @@
+"""The toy world's teacher: the trainer (`python -m tmd_train.teacher`) and the shipped weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tmd_train import teacher as T
+from tmd_train.eval import tinybench
+from tmd_train.models.teacher import load_teacher
+from tmd_train.sampling import sample_teacher
+from tmd_train.text import toy_encoder
+from tmd_train.toy import TOY_CLIP_SHAPE, TOY_TEACHER_CONFIG, TOY_TEACHER_DIR, require_toy_teacher, toy_teacher_available
+
+
+def _weights(folder):
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_trainer_writes_a_loadable_folder_and_resumes_exactly(tmp_path):
+    args = ["--steps", "3", "--batch-size", "2", "--warmup", "1", "--checkpoint-every", "100", "--log-every", "1"]
+    assert T.main([*args, "--out", str(tmp_path / "a")]) == 0
+    # the same run in two invocations: 2 steps, stop (checkpoint), then resume to 3
+    assert T.main([*args, "--out", str(tmp_path / "b"), "--stop-after", "2"]) == 0
+    assert not (tmp_path / "b" / "config.json").exists()
+    assert T.main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    model = load_teacher(tmp_path / "a")
+    assert model.config.num_layers == TOY_TEACHER_CONFIG["num_layers"]
+    record = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert record["steps"] == 3 and len(record["loss_history"]) == 3
+    # training moved the weights away from the seeded initialisation
+    torch.manual_seed(0)
+    init = load_teacher(dict(TOY_TEACHER_CONFIG)).state_dict()
+    assert any(not torch.equal(init[k], a[k]) for k in a)
+
+
+def test_trainer_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--steps", "0"])
+    assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.main(["--lr", "-1"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert T.lr_factor(0, 100, 10) == 0.0
+    assert T.lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert T.lr_factor(100, 100, 10) == pytest.approx(0.05)
+    values = [T.lr_factor(s, 100, 10) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_training_batch_is_deterministic_and_drops_prompts():
+    x1, t1 = T.training_batch(5, 64, 0.5, torch.Generator().manual_seed(1))
+    x2, t2 = T.training_batch(5, 64, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(x1, x2) and torch.equal(t1, t2)
+    assert x1.shape == (64, *TOY_CLIP_SHAPE) and t1.shape == (64, toy_encoder.L_TEXT, toy_encoder.TEXT_DIM)
+    empty = (t1.abs().sum((1, 2)) == 0).sum().item()
+    assert 16 <= empty <= 48  # ~half of the prompts are the empty (unconditional) one
+
+
+needs_toy = pytest.mark.skipif(not toy_teacher_available(), reason="the toy teacher is not shipped in this checkout")
+
+
+@needs_toy
+def test_shipped_teacher_is_trained():
+    """Its flow-matching loss on fresh clips is far below an untrained model's."""
+    torch.manual_seed(0)
+    trained = load_teacher(require_toy_teacher()).eval()
+    untrained = load_teacher(dict(TOY_TEACHER_CONFIG)).eval()
+    assert (TOY_TEACHER_DIR / "training.json").is_file()
+    x, text = T.training_batch(10_000, 16, 0.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lt = T.flow_matching_loss(trained, x, text, torch.Generator().manual_seed(2)).item()
+        lu = T.flow_matching_loss(untrained, x, text, torch.Generator().manual_seed(2)).item()
+    assert lt < 0.5 * lu, (lt, lu)
+
+
+@needs_toy
+def test_shipped_teacher_follows_prompts():
+    """A few guided samples: the evaluator reads the prompted attributes far above chance (~1/3)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    teacher = load_teacher(require_toy_teacher()).eval()
+    prompts = ["a red circle moving left", "a blue square moving up", "a green triangle moving right",
+               "a yellow circle moving down", "a blue triangle moving left", "a red square moving down"]
+    text, _ = toy_encoder.encode(prompts)
+    neg = toy_encoder.encode_negative()[0].unsqueeze(0)
+    out = sample_teacher(teacher, text, negative_text=neg, shape=(len(prompts), *TOY_CLIP_SHAPE),
+                         generator=torch.Generator().manual_seed(0), steps=16, cfg=5.0)
+    assert out.nfe == 32
+    scores = tinybench(out.x0.clamp(-1, 1), prompts, n_ref=24)
+    assert scores["semantic"] > 60, scores
