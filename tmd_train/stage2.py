@@ -623,9 +623,13 @@ class Stage2Trainer:
     def save_checkpoint(self, writer: CheckpointWriter, step: int) -> Path:
         def write(folder: Path, is_main: bool) -> None:
             torch.save(rng_state(), folder / f"rng_state_{self.rank}.pt")
-            optim = {}
+            optim: dict[str, Any] = {}
             for name, root in self.roots.items():
-                model_sd, optim[name] = gather_state(root, self.optimizers[name])
+                # An optimizer that has not stepped yet is saved as None: gathering its state would
+                # initialise it (torch.distributed.checkpoint runs a zero-lr step), so a checkpoint
+                # would change the run (AdamW's step count).
+                opt = self.optimizers[name] if self.optimizers[name].state else None
+                model_sd, optim[name] = gather_state(root, opt)
                 if is_main:
                     _save_tensors(model_sd, folder / f"{name}.safetensors")
             ema = self.full_ema()
@@ -642,7 +646,8 @@ class Stage2Trainer:
         state = read_checkpoint_state(folder)
         optim = torch.load(folder / "optimizers.pt", map_location="cpu", weights_only=False)
         for name, root in self.roots.items():
-            load_state(root, load_file(str(folder / f"{name}.safetensors")), self.optimizers[name], optim[name])
+            opt = self.optimizers[name] if optim[name] is not None else None
+            load_state(root, load_file(str(folder / f"{name}.safetensors")), opt, optim[name])
         self._set_ema(load_file(str(folder / "generator_ema.safetensors")))
         rng_file = folder / f"rng_state_{self.rank}.pt"
         if rng_file.is_file():
