@@ -436,3 +436,20 @@ def test_two_process_fsdp2(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "stage2 (tmd): 8 steps (2 generator updates)" in proc.stdout
     assert [r["step"] for r in read_metrics(tmp_path / "dist")] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("method", ["tmd", "dmd2v"])
+def test_bf16_autocast_run(tmp_path, method):
+    """mixed_precision=bf16 (on CPU here; "auto" picks it on GPU): the frozen teacher in bf16 (Wan's
+    float32 modules kept), float32 trainable weights, finite losses over a generator cycle."""
+    trainer = Stage2Trainer(tiny_cfg(tmp_path, method=method, mixed_precision="bf16", steps=5, checkpoint_every=100))
+    assert trainer.autocast_dtype == torch.bfloat16
+    teacher = trainer.teacher.teacher
+    assert teacher.blocks[0].ffn.net[0].proj.weight.dtype == torch.bfloat16
+    assert teacher.blocks[0].scale_shift_table.dtype == torch.float32
+    for model in (trainer.generator, trainer.fake_score, trainer.disc):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 5 and all(math.isfinite(v) for r in rows for v in r.values())
+    assert rows[-1]["skipped_generator"] == 0 and "loss_dmd" in rows[-1]

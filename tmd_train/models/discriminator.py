@@ -137,11 +137,16 @@ class Conv3DDiscriminator(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``features`` (one ``[B, dim, F', H', W']`` per head) -> logits ``[B, heads]`` (float32)."""
+        """``features`` (one ``[B, dim, F', H', W']`` per head) -> logits ``[B, heads]`` (float32).
+
+        The heads run in their own precision with autocast off: their GroupNorms see few
+        elements per group on the deep, strided layers, and in bf16 nearly equal values round to
+        a zero variance whose gradient blows up (seen as non-finite discriminator steps)."""
         if len(features) != len(self.heads):
             raise ValueError(f"expected {len(self.heads)} feature maps, got {len(features)}")
         w = self.heads[0].out.weight
-        return torch.stack([h(f.to(w.dtype)) for h, f in zip(self.heads, features, strict=True)], dim=1)
+        with torch.autocast(w.device.type, enabled=False):
+            return torch.stack([h(f.to(w.dtype)) for h, f in zip(self.heads, features, strict=True)], dim=1)
 
     def logits(self, teacher: WanTransformer3DModel, x_t: torch.Tensor, t: torch.Tensor,
                text: torch.Tensor) -> torch.Tensor:
