@@ -453,3 +453,18 @@ def test_bf16_autocast_run(tmp_path, method):
     rows = read_metrics(tmp_path)
     assert len(rows) == 5 and all(math.isfinite(v) for r in rows for v in r.values())
     assert rows[-1]["skipped_generator"] == 0 and "loss_dmd" in rows[-1]
+
+
+def test_sample_grids_to_tensorboard(tmp_path):
+    """sample_every=2: EMA sample grids (middle frame of 4 prompts side by side, in [0, 1]) are
+    logged to TensorBoard at steps 2 and 3 (the last)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Stage2Trainer(tiny_cfg(tmp_path, steps=3, sample_every=2, checkpoint_every=100))
+    trainer.fit()
+    grid = trainer.sample_grid()
+    assert grid.shape == (3, LATENT[2], 4 * LATENT[3]) and 0 <= float(grid.min()) and float(grid.max()) <= 1
+    assert torch.equal(grid, trainer.sample_grid())                       # fixed noise and prompts
+    acc = EventAccumulator(str(tmp_path / "logs"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("samples_ema")] == [2, 3]

@@ -153,7 +153,9 @@ class Stage2Config:
     ``generator_every`` (5), ``lr`` (1e-5, the generator), ``fake_lr``/``disc_lr`` (default ``lr``),
     ``weight_decay``, ``adam_betas``, ``adam_eps``, ``max_grad_norm`` (<= 0: no clipping),
     ``ema_decay``, ``ema_start``, ``mixed_precision`` (``auto``: bf16 autocast on GPU),
-    ``gradient_checkpointing``, ``seed``.
+    ``gradient_checkpointing``, ``seed``, ``cpu_threads`` (CPU runs: ``torch.set_num_threads``;
+    0 keeps torch's default — on a busy machine 1 can be many times faster than oversubscribed
+    threads).
     Output: ``output_dir``, ``checkpoint_every``, ``keep_last``, ``log_every``, ``sample_every``
     (sample grid of the EMA generator to TensorBoard every that many steps; 0 = off).
     """
@@ -210,6 +212,7 @@ class Stage2Config:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
+    cpu_threads: int = 0
 
     output_dir: str = "runs/stage2"
     checkpoint_every: int = 500
@@ -242,7 +245,7 @@ class Stage2Config:
                      "disc_width", "disc_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "seed", "kd_steps", "ema_start", "sample_every", "disc_depth"):
+        for name in ("num_workers", "seed", "kd_steps", "ema_start", "sample_every", "disc_depth", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.disc_width % self.disc_groups:
@@ -392,6 +395,8 @@ class Stage2Trainer:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        if cfg.cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)
         amp = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if amp else None
         self.dmd = cfg.dmd_config
