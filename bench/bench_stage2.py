@@ -66,12 +66,16 @@ def iteration_times(small: bool, device: str, reps: int, out: Path) -> list[dict
 
 
 def generator_fwd_bwd(small: bool, device: str, reps: int, out: Path) -> tuple[list[dict], float]:
-    rows = []
+    """The four generator fwd+bwd cases, timed interleaved (one call of each per round, median
+    over rounds) so that drifting machine load hits them alike."""
+    import statistics
+    import time
+
     _, H, _, _, _ = model_config(small)
     cases = [("plain (1 student fwd+bwd)", "dmd2v", {}), ("tmd N=2 unroll", "tmd", {"unroll": True}),
              ("tmd N=2 unroll+ckpt", "tmd", {"unroll": True, "unroll_checkpoint": True}),
              ("tmd N=2 last-step", "tmd", {"unroll": False})]
-    L = None
+    runs, L = [], None
     for name, method, over in cases:
         trainer = trainer_for(method, small, out / name.replace(" ", "_"), inner_steps=2, **over)
         L = trainer.teacher_config["num_layers"]
@@ -85,7 +89,15 @@ def generator_fwd_bwd(small: bool, device: str, reps: int, out: Path) -> tuple[l
             x_hat = trainer.gen_model(batch["latents"], x1, t, batch["text"], y1)
             torch.autograd.grad(x_hat, params, grad_out, allow_unused=True)
 
-        rows.append({"case": name, "ms": time_ms(run, device, reps=reps, warmup=2)})
+        runs.append(run)
+    times: list[list[float]] = [[] for _ in cases]
+    for rnd in range(reps + 2):
+        for k, run in enumerate(runs):
+            t0 = time.perf_counter()
+            run()
+            if rnd >= 2:  # two warm-up rounds
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    rows = [{"case": name, "ms": statistics.median(ts)} for (name, _, _), ts in zip(cases, times, strict=True)]
     base = rows[0]["ms"]
     for r in rows:
         r["extra_vs_plain"] = r["ms"] / base - 1
