@@ -7,7 +7,12 @@
   ``--inner-steps`` N (the inner flow through ``tmd_ext.FlowHeadLoop`` with ``--loop``, the default
   on CUDA); or
 * a Wan2.1 diffusers folder (``model_index.json`` + ``transformer/``, the teacher baseline):
-  flow-matching Euler with ``--steps`` steps and classifier-free guidance ``--cfg``.
+  flow-matching Euler with ``--steps`` steps and classifier-free guidance ``--cfg``; or
+* a stage-2 DMD2-v student (a Wan transformer folder with ``tmd_sampling.json`` saying
+  ``"method": "dmd2v"``): the plain few-step sampler (no CFG).
+
+A ``tmd_sampling.json`` in the folder (written by ``python -m tmd_train.stage2``) supplies the
+defaults of a distilled model: outer steps M, inner steps N and the grid shifts it was trained for.
 
 The prompt is encoded with ``text_encoder/`` (``UMT5EncoderModel``) and ``tokenizer/`` found in the
 model folder or in ``--components DIR`` (a Wan diffusers folder), as diffusers' ``WanPipeline``
@@ -37,8 +42,9 @@ from tqdm import tqdm
 from .inner_flow_loop import sample_tmd_looped
 from .models import TMDStudent, load_teacher
 from .models.student import CONFIG_NAME, FORMAT
-from .sampling import Sample, sample_teacher, sample_tmd
+from .sampling import Sample, sample_few_step, sample_teacher, sample_tmd
 
+SAMPLING_FILE = "tmd_sampling.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Wan's VAE: 4x temporal, 8x spatial compression (used when the folder has no VAE config).
 DEFAULT_SCALE_TEMPORAL = 4
@@ -62,12 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", default=None,
                    help="Wan diffusers folder supplying text_encoder/, tokenizer/ and vae/ when --model lacks them")
     p.add_argument("--steps", type=int, default=None,
-                   help="outer steps M of a student (default 2) or Euler steps of the teacher (default 50)")
-    p.add_argument("--inner-steps", type=int, default=2, help="inner flow-head steps N (student)")
+                   help="outer steps M of a student (default: its tmd_sampling.json, else 2) or Euler steps of "
+                        "the teacher (default 50)")
+    p.add_argument("--inner-steps", type=int, default=None,
+                   help="inner flow-head steps N (student; default: its tmd_sampling.json, else 2)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale of the teacher (default 5.0)")
     p.add_argument("--shift", type=float, default=None,
                    help="timestep shift of the grid (default: 10 student outer grid, 5 teacher)")
-    p.add_argument("--inner-shift", type=float, default=10.0, help="timestep shift of the inner grid (student)")
+    p.add_argument("--inner-shift", type=float, default=None,
+                   help="timestep shift of the inner grid (student; default 10)")
     p.add_argument("--height", type=int, default=480, help="video height in pixels")
     p.add_argument("--width", type=int, default=832, help="video width in pixels")
     p.add_argument("--frames", type=int, default=81, help="video frames (4k+1 for Wan's VAE)")
@@ -86,10 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ folders
+def sampling_settings(folder: Path) -> dict:
+    """The folder's ``tmd_sampling.json`` (stage 2's record of method and sampler settings), or {}."""
+    path = folder / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--model {folder}: {path} is not valid JSON ({e})") from e
+    if not isinstance(settings, dict):
+        raise CLIError(f"--model {folder}: {path} must hold a JSON object")
+    return settings
+
+
 def model_kind(folder: Path) -> str:
-    """``"student"`` (a tmd-student config.json) or ``"teacher"`` (a Wan diffusers folder)."""
+    """``"student"`` (a tmd-student config.json), ``"few_step"`` (a DMD2-v transformer folder, per
+    its tmd_sampling.json) or ``"teacher"`` (a Wan diffusers folder)."""
     if not folder.is_dir():
         raise CLIError(f"--model {folder}: no such folder")
+    if sampling_settings(folder).get("method") == "dmd2v" and (folder / CONFIG_NAME).is_file():
+        return "few_step"
     cfg = folder / CONFIG_NAME
     if cfg.is_file():
         try:
@@ -228,9 +254,10 @@ def run(args: argparse.Namespace) -> dict:
     folders = [folder] + ([Path(args.components)] if args.components else [])
     if args.components and not Path(args.components).is_dir():
         raise CLIError(f"--components {args.components}: no such folder")
-    if kind == "student":
+    settings = sampling_settings(folder)
+    if kind in ("student", "few_step"):
         if args.cfg is not None:
-            raise CLIError("--cfg applies to the teacher only (the TMD student is distilled with guidance)")
+            raise CLIError("--cfg applies to the teacher only (a distilled student is distilled with guidance)")
         for name, v in (("--steps", args.steps), ("--inner-steps", args.inner_steps)):
             if v is not None and v < 1:
                 raise CLIError(f"{name} must be >= 1, got {v}")
@@ -268,6 +295,9 @@ def run(args: argparse.Namespace) -> dict:
     if kind == "student":
         model = TMDStudent.from_pretrained(folder, torch_dtype=dtype, device=device).eval()
         transformer = model.transformer
+    elif kind == "few_step":
+        model = load_teacher(folder, torch_dtype=dtype, device=device)
+        transformer = model
     else:
         model = load_teacher(folder, torch_dtype=dtype, device=device)
         transformer = model
@@ -294,13 +324,23 @@ def run(args: argparse.Namespace) -> dict:
     _sync(device)
     t0 = time.perf_counter()
     if kind == "student":
-        M = args.steps or 2
-        kw = {"shape": shape, "generator": generator, "M": M, "N": args.inner_steps,
-              "outer_shift": args.shift if args.shift is not None else 10.0, "inner_shift": args.inner_shift}
+        M = args.steps or settings.get("outer_steps", 2)
+        N = args.inner_steps or settings.get("inner_steps", 2)
+        kw = {"shape": shape, "generator": generator, "M": M, "N": N,
+              "outer_shift": args.shift if args.shift is not None else settings.get("outer_shift", 10.0),
+              "inner_shift": args.inner_shift if args.inner_shift is not None else settings.get("inner_shift", 10.0),
+              "t_max": settings.get("t_max", 0.999), "s_max": settings.get("s_max", 0.999)}
         with progress(transformer.condition_embedder, M, "TMD outer steps", show):
             result: Sample = sample_tmd_looped(model, text, **kw) if use_loop else sample_tmd(model, text, **kw)
-        label = f"TMD student M={M} N={args.inner_steps} H={model.head_blocks} L={model.num_layers}" + (
+        label = f"TMD student M={M} N={N} H={model.head_blocks} L={model.num_layers}" + (
             " (FlowHeadLoop)" if use_loop else "")
+    elif kind == "few_step":
+        M = args.steps or settings.get("outer_steps", 4)
+        with progress(transformer.condition_embedder, M, "few-step student", show):
+            result = sample_few_step(model, text, shape=shape, generator=generator, steps=M,
+                                     shift=args.shift if args.shift is not None else settings.get("outer_shift", 10.0),
+                                     t_max=settings.get("t_max", 0.999))
+        label = f"DMD2-v student M={M}"
     else:
         steps, cfg = args.steps or 50, args.cfg if args.cfg is not None else 5.0
         passes = 1 if cfg == 1.0 or negative.shape[1] == text.shape[1] else 2

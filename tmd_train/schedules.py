@@ -37,3 +37,22 @@ def shifted_grid(n: int, gamma: float, t_max: float = 1.0, *, device: torch.devi
     grid[0] = 0.0
     grid[n] = t_max
     return grid.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- per-sample draws
+def per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B]`` -> ``[B, 1, …, 1]`` (broadcastable against ``like``) in the dtype of ``like``."""
+    return t.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def uniform(n: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """``[n]`` float64 U[0, 1) drawn on the generator's device, moved to ``device``."""
+    return torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).to(device)
+
+
+def normal(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str,
+           dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal float32 noise drawn on the generator's device, then cast/moved (so a seed
+    gives the same noise whatever device the model is on)."""
+    x = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return x.to(device=device, dtype=dtype)

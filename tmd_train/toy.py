@@ -44,3 +44,13 @@ def require_toy_teacher() -> Path:
             f"the toy teacher is not in {TOY_TEACHER_DIR}: train it with `python -m tmd_train.teacher` "
             "or pass teacher=<a Wan2.1 diffusers folder> (and data=<dataset folder>)")
     return TOY_TEACHER_DIR
+
+
+def toy_defaults(**values: Any) -> dict[str, Any]:
+    """The config values of a stage run with no arguments: ``teacher`` = the shipped toy teacher,
+    ``data="shapes"``, then ``values`` (the stage's small toy settings) on top.
+
+    Raises:
+        FileNotFoundError: the toy teacher is not there; the message says what to pass instead.
+    """
+    return {"teacher": str(require_toy_teacher()), "data": "shapes", **values}

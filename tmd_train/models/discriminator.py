@@ -13,8 +13,9 @@ generator's loss by :data:`GAN_WEIGHT` (λ = 0.03).
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -136,11 +137,16 @@ class Conv3DDiscriminator(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``features`` (one ``[B, dim, F', H', W']`` per head) -> logits ``[B, heads]`` (float32)."""
+        """``features`` (one ``[B, dim, F', H', W']`` per head) -> logits ``[B, heads]`` (float32).
+
+        The heads run in their own precision with autocast off: their GroupNorms see few
+        elements per group on the deep, strided layers, and in bf16 nearly equal values round to
+        a zero variance whose gradient blows up (seen as non-finite discriminator steps)."""
         if len(features) != len(self.heads):
             raise ValueError(f"expected {len(self.heads)} feature maps, got {len(features)}")
         w = self.heads[0].out.weight
-        return torch.stack([h(f.to(w.dtype)) for h, f in zip(self.heads, features, strict=True)], dim=1)
+        with torch.autocast(w.device.type, enabled=False):
+            return torch.stack([h(f.to(w.dtype)) for h, f in zip(self.heads, features, strict=True)], dim=1)
 
     def logits(self, teacher: WanTransformer3DModel, x_t: torch.Tensor, t: torch.Tensor,
                text: torch.Tensor) -> torch.Tensor:
@@ -148,23 +154,33 @@ class Conv3DDiscriminator(nn.Module):
         return self(teacher_block_features(teacher, x_t, t, text, self.blocks))
 
 
-def gan_generator_loss(disc: Conv3DDiscriminator, teacher: WanTransformer3DModel, fake_t: torch.Tensor,
-                       t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+#: ``features(x_t, t, text, blocks) -> list of [B, dim, F', H', W']``: how the losses get teacher
+#: features (default :func:`teacher_block_features`; the stage-2 trainer routes them through the
+#: FSDP root of the sharded teacher).
+FeatureFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[int]], list[torch.Tensor]]
+
+
+def gan_generator_loss(disc: Conv3DDiscriminator, teacher: WanTransformer3DModel | None, fake_t: torch.Tensor,
+                       t: torch.Tensor, text: torch.Tensor, features: FeatureFn | None = None) -> torch.Tensor:
     """``mean softplus(-D(fake))`` over batch and heads; grads reach ``fake_t`` (the noised x̂)
-    only — the discriminator's parameters are used through detached copies."""
-    feats = teacher_block_features(teacher, fake_t, t, text, disc.blocks)
+    only — the discriminator's parameters are used through detached copies. ``features``
+    replaces ``teacher_block_features(teacher, …)`` when given."""
+    feats = (features or functools.partial(teacher_block_features, teacher))(fake_t, t, text, disc.blocks)
     params = {n: p.detach() for n, p in disc.named_parameters()}
     logits = torch.func.functional_call(disc, params, (feats,))
     return F.softplus(-logits).mean()
 
 
-def gan_discriminator_loss(disc: Conv3DDiscriminator, teacher: WanTransformer3DModel, real_t: torch.Tensor,
-                           fake_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def gan_discriminator_loss(disc: Conv3DDiscriminator, teacher: WanTransformer3DModel | None, real_t: torch.Tensor,
+                           fake_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                           features: FeatureFn | None = None) -> torch.Tensor:
     """``mean[softplus(D(fake)) + softplus(-D(real))]`` over batch and heads; the teacher runs
     without grad and ``fake_t`` is detached, so only the discriminator gets gradients.
-    ``real_t``/``fake_t`` ``[B, C, F, H, W]`` at the same ``t [B]``."""
+    ``real_t``/``fake_t`` ``[B, C, F, H, W]`` at the same ``t [B]``; ``features`` as in
+    :func:`gan_generator_loss`."""
+    features = features or functools.partial(teacher_block_features, teacher)
     with torch.no_grad():
-        feats = teacher_block_features(teacher, torch.cat([real_t, fake_t.detach()]), torch.cat([t, t]),
-                                       torch.cat([text, text]), disc.blocks)
+        feats = features(torch.cat([real_t, fake_t.detach()]), torch.cat([t, t]), torch.cat([text, text]),
+                         disc.blocks)
     real, fake = disc(feats).chunk(2)
     return (F.softplus(fake) + F.softplus(-real)).mean()

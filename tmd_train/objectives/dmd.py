@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import torch
 from diffusers import WanTransformer3DModel
 
+import tmd_ext
+
 from ..models.student import TMDStudent
 from ..models.teacher import teacher_velocity
-from ..schedules import shift_time
-from .tm_meanflow import _normal, _per_sample, _uniform
+from ..schedules import normal, per_sample, shift_time, uniform
 
 FAKE_TIMES = ("shifted", "uniform")
 
@@ -72,7 +73,7 @@ def sample_dmd_time(batch: int, cfg: DMDConfig, generator: torch.Generator, devi
                     shifted: bool = True) -> torch.Tensor:
     """``[B]`` float64 ``τ = clip(shift(U, t_shift), t_min, t_max)`` (``shifted=False``:
     ``t_min + (t_max - t_min)·U``)."""
-    u = _uniform(batch, generator, device)
+    u = uniform(batch, generator, device)
     if shifted:
         return shift_time(u, cfg.t_shift).clamp(cfg.t_min, cfg.t_max)
     return cfg.t_min + (cfg.t_max - cfg.t_min) * u
@@ -80,15 +81,15 @@ def sample_dmd_time(batch: int, cfg: DMDConfig, generator: torch.Generator, devi
 
 def _noised(x: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``(1-t)·x + t·x1`` with per-sample ``t [B]``."""
-    tt = _per_sample(t, x)
+    tt = per_sample(t, x)
     return (1 - tt) * x + tt * x1
 
 
 def generator_sample(student: TMDStudent, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
                      text: torch.Tensor, y1: torch.Tensor, s_grid: torch.Tensor,
-                     checkpoint: bool = False) -> torch.Tensor:
+                     checkpoint: bool = False, unroll: bool = True) -> torch.Tensor:
     """The TMD generator output ``x̂ = x_t - t·InnerFlow(backbone(x_t, t, text); y1)`` with
-    ``x_t = (1-t)·x0 + t·x1``, differentiable through the backbone and all N inner steps.
+    ``x_t = (1-t)·x0 + t·x1``.
 
     Args:
         x0: ``[B, C, F, H, W]`` clean data; x1: the outer noise (same shape).
@@ -96,14 +97,29 @@ def generator_sample(student: TMDStudent, x0: torch.Tensor, x1: torch.Tensor, t:
         text: ``[B, L, D]`` text states.
         y1: ``[B, C, F, H, W]`` inner start noise.
         s_grid: ``[N+1]`` or ``[B, N+1]`` ascending inner grid (see :meth:`TMDStudent.inner_flow`).
-        checkpoint: recompute each inner step in backward instead of storing it.
+        checkpoint: recompute each inner step in backward instead of storing it (``unroll`` only).
+        unroll: differentiate through the backbone and ALL N inner steps (the paper's roll-out).
+            ``False``: the inner steps ``s_N → … → s_1`` run without autograd (their result
+            ``y_{s_1}`` is a constant) and only the LAST step ``s_1 → s_0`` carries gradient — to
+            the head's parameters and, through ``m``, to the backbone (the cheap ablation: one
+            differentiable head pass whatever N).
     Returns:
         ``x̂ [B, C, F, H, W]`` in the dtype of ``x0``.
     """
     x_t = _noised(x0, x1, t)
     feats = student.backbone(x_t, t, text)
-    y_hat = student.inner_flow(feats, y1.to(x0.dtype), s_grid, grad=True, checkpoint=checkpoint)
-    return x_t - _per_sample(t, x_t) * y_hat.to(x_t.dtype)
+    y1 = y1.to(x0.dtype)
+    if unroll:
+        y_hat = student.inner_flow(feats, y1, s_grid, grad=True, checkpoint=checkpoint)
+    else:
+        grid = s_grid if s_grid.dim() == 2 else s_grid[None, :].expand(y1.shape[0], -1)
+        grid = grid.to(device=y1.device, dtype=torch.float64)
+        y = y1
+        if grid.shape[1] > 2:  # steps N..2 on the sub-grid s_1..s_N, without autograd
+            y = student.inner_flow(feats, y1, grid[:, 1:], grad=False)
+        s, r = grid[:, 1].contiguous(), grid[:, 0].contiguous()
+        y_hat = tmd_ext.flow_step(y, student.head(y, s, r, feats).to(y.dtype), y1, s, r)
+    return x_t - per_sample(t, x_t) * y_hat.to(x_t.dtype)
 
 
 def generator_sample_plain(student: WanTransformer3DModel, x0: torch.Tensor, x1: torch.Tensor,
@@ -111,7 +127,7 @@ def generator_sample_plain(student: WanTransformer3DModel, x0: torch.Tensor, x1:
     """The DMD2-v baseline generator (a plain few-step Wan student): ``x̂ = x_t - t·v(x_t, t)``,
     ``x_t = (1-t)·x0 + t·x1``. Shapes as in :func:`generator_sample`; differentiable."""
     x_t = _noised(x0, x1, t)
-    return x_t - _per_sample(t, x_t) * teacher_velocity(student, x_t, t, text)
+    return x_t - per_sample(t, x_t) * teacher_velocity(student, x_t, t, text)
 
 
 def _negative(negative_text: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -152,15 +168,15 @@ def dmd_loss(x_hat: torch.Tensor, teacher: WanTransformer3DModel, fake_score: Wa
     """
     B, device, dtype = x_hat.shape[0], x_hat.device, x_hat.dtype
     tau = sample_dmd_time(B, cfg, generator, device)
-    eps = _normal(tuple(x_hat.shape), generator, device, dtype)
+    eps = normal(tuple(x_hat.shape), generator, device, dtype)
     with torch.no_grad():
         x = x_hat.detach()
         x_tau = _noised(x, eps, tau)
-        tt = _per_sample(tau, x)
+        tt = per_sample(tau, x)
         x0_real = x_tau - tt * cfg_velocity(teacher, x_tau, tau, text, negative_text, cfg.cfg_scale)
         x0_fake = x_tau - tt * teacher_velocity(fake_score, x_tau, tau, text)
         norm = (x - x0_real).abs().flatten(1).mean(1)
-        grad = torch.nan_to_num((x0_fake - x0_real) / _per_sample(norm, x))
+        grad = torch.nan_to_num((x0_fake - x0_real) / per_sample(norm, x))
         target = x - grad
     loss = 0.5 * torch.nn.functional.mse_loss(x_hat, target, reduction="mean")
     log = {"loss": loss.detach(), "grad_norm": grad.flatten(1).pow(2).mean(1).sqrt().mean(),
@@ -183,7 +199,7 @@ def fake_score_loss(fake_score: WanTransformer3DModel, x_hat: torch.Tensor, text
     x = x_hat.detach()
     B, device, dtype = x.shape[0], x.device, x.dtype
     tau = sample_dmd_time(B, cfg, generator, device, shifted=cfg.fake_time == "shifted")
-    eps = _normal(tuple(x.shape), generator, device, dtype)
+    eps = normal(tuple(x.shape), generator, device, dtype)
     v = teacher_velocity(fake_score, _noised(x, eps, tau), tau, text)
     loss = torch.nn.functional.mse_loss(v.to(dtype), eps - x, reduction="mean")
     return {"loss": loss}, {"loss": loss.detach(), "tau_mean": tau.mean()}
@@ -202,5 +218,5 @@ def gan_inputs(x_real: torch.Tensor, x_hat: torch.Tensor, cfg: DMDConfig, genera
     if x_real.shape != x_hat.shape:
         raise ValueError(f"x_real {tuple(x_real.shape)} and x_hat {tuple(x_hat.shape)} must have one shape")
     tau = sample_dmd_time(x_hat.shape[0], cfg, generator, x_hat.device)
-    eps = _normal(tuple(x_hat.shape), generator, x_hat.device, x_hat.dtype)
+    eps = normal(tuple(x_hat.shape), generator, x_hat.device, x_hat.dtype)
     return _noised(x_real.to(x_hat.dtype), eps, tau), _noised(x_hat, eps, tau), tau

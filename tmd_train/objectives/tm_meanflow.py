@@ -44,7 +44,7 @@ import tmd_ext
 
 from ..models.student import Features, TMDStudent
 from ..models.teacher import teacher_velocity
-from ..schedules import shift_time, shifted_grid
+from ..schedules import normal, per_sample, shift_time, shifted_grid, uniform
 
 OBJECTIVES = ("tm_meanflow", "tm")
 CFG_SOURCES = ("teacher", "student")
@@ -126,23 +126,6 @@ class TMMeanFlowConfig:
 
 
 # ---------------------------------------------------------------------------- pieces
-def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[B]`` -> ``[B, 1, …, 1]`` in the dtype of ``like``."""
-    return t.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-def _uniform(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``[n]`` float64 U[0, 1) drawn on the generator's device, moved to ``device``."""
-    return torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).to(device)
-
-
-def _normal(shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
-            dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal float32 noise drawn on the generator's device, then cast/moved."""
-    x = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return x.to(device=device, dtype=dtype)
-
-
 def sample_outer_time(batch: int, outer_steps: int, shift: float, t_max: float, generator: torch.Generator,
                       device: torch.device) -> torch.Tensor:
     """``[B]`` float64 ``t`` drawn uniformly from the student grid points ``t_1..t_M``
@@ -157,8 +140,8 @@ def sample_inner_times(batch: int, cfg: TMMeanFlowConfig, generator: torch.Gener
     """The (s, r) sampler of DESIGN.md §1: ``s = clip(shift(U, s_shift), s_min, s_max_clip)``;
     ``r`` = the largest inner-grid point ``≤ s``, replaced by ``s`` with probability
     ``equal_fraction`` (always for ``objective="tm"``). Returns ``(s, r)``, ``[B]`` float64."""
-    s = shift_time(_uniform(batch, generator, device), cfg.s_shift).clamp(cfg.s_min, cfg.s_max_clip)
-    equal = _uniform(batch, generator, device) < cfg.equal_fraction
+    s = shift_time(uniform(batch, generator, device), cfg.s_shift).clamp(cfg.s_min, cfg.s_max_clip)
+    equal = uniform(batch, generator, device) < cfg.equal_fraction
     if cfg.objective == "tm":
         return s, s.clone()
     grid = shifted_grid(cfg.inner_steps, cfg.inner_shift, cfg.s_max, device=device)
@@ -205,7 +188,7 @@ def fd_head_pass(student: TMDStudent, feats: Features, y_s: torch.Tensor, v_in: 
         ``(u_plus, u_minus)``, each ``[B', C, F, H, W]`` in the dtype of ``y1``.
     """
     def at(t: torch.Tensor) -> torch.Tensor:
-        return y_s + _per_sample(t - s, y_s) * v_in
+        return y_s + per_sample(t - s, y_s) * v_in
     y_pm = torch.cat([at(s_plus), at(s_minus)])
     out = student.head(y_pm, torch.cat([s_plus, s_minus]), torch.cat([r, r]), feats.repeat(2))
     u_plus, u_minus = (torch.cat([y1, y1]) - out.to(y1.dtype)).chunk(2)
@@ -316,16 +299,16 @@ def tm_meanflow(student: TMDStudent, batch: dict[str, torch.Tensor], cfg: TMMean
     B, device, dtype = x.shape[0], x.device, x.dtype
     shape = tuple(x.shape)
 
-    dropped = _uniform(B, generator, device) < cfg.cond_dropout
+    dropped = uniform(B, generator, device) < cfg.cond_dropout
     t = sample_outer_time(B, cfg.outer_steps, cfg.outer_shift, cfg.t_max, generator, device)
-    x1 = _normal(shape, generator, device, dtype)
-    y1 = _normal(shape, generator, device, dtype)
+    x1 = normal(shape, generator, device, dtype)
+    y1 = normal(shape, generator, device, dtype)
     s, r = sample_inner_times(B, cfg, generator, device)
 
     text_c = torch.where(dropped[:, None, None], negative, text)
-    x_t = (1 - _per_sample(t, x)) * x + _per_sample(t, x) * x1
+    x_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * x1
     y = x1 - x
-    y_s = (1 - _per_sample(s, y)) * y + _per_sample(s, y) * y1
+    y_s = (1 - per_sample(s, y)) * y + per_sample(s, y) * y1
     v_in = y1 - y
 
     feats = student.backbone(x_t, t, text_c)

@@ -1,0 +1,41 @@
+"""Worker of the 2-process stage-2 test (launched by ``torchrun`` from tests/test_stage2.py).
+
+    torchrun --nproc_per_node 2 tests/stage2_dist_worker.py OUT key=value ...
+
+Builds the stage-2 trainer from the overrides, checks the FSDP2 layout (generator, fake score and
+teacher sharded: every parameter but the 0-d ones a DTensor; the discriminator replicated), trains
+with ``fit()`` and writes the step count to ``OUT/done``. Exits with ``os._exit(0)`` after tearing
+the process group down (gloo sometimes aborts at interpreter exit otherwise).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from tmd_train.config import load_config
+from tmd_train.stage2 import Stage2Config, Stage2Trainer
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    cfg = load_config(Stage2Config, None, sys.argv[2:])
+    trainer = Stage2Trainer(cfg)
+    assert trainer.world == 2 and dist.get_backend() == "gloo"
+    for root in (trainer.gen_model, trainer.fake_score, trainer.teacher):
+        assert all(isinstance(p, DTensor) != (p.dim() == 0) for p in root.parameters())
+    assert not any(isinstance(p, DTensor) for p in trainer.disc.parameters())
+    trainer.fit()
+    if trainer.is_main:
+        (out / "done").write_text(f"{trainer.step} {trainer.gen_updates}\n")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
