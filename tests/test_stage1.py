@@ -295,3 +295,25 @@ def test_shipped_config_loads():
     cfg = load_config(Stage1Config, ROOT / "configs" / "stage1_wan2.1_1.3b.yaml")
     assert (cfg.head_blocks, cfg.inner_steps, cfg.outer_steps, cfg.lr) == (5, 2, 2, 3e-5)
     assert cfg.objective_config.delta == 5e-3 and cfg.objective_config.equal_fraction == 0.75
+
+
+def test_no_arguments_uses_the_toy_world(monkeypatch, tmp_path, capsys):
+    """No arguments: the toy world when its teacher is there, else exit 2 saying what to pass."""
+    import tmd_train.toy as toy
+    missing = tmp_path / "no-toy"
+    monkeypatch.setattr(toy, "TOY_TEACHER_DIR", missing)
+    with pytest.raises(SystemExit) as exc:
+        stage1.parse_args([])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "teacher=" in err and "data=" in err and str(missing) in err
+    present = tmp_path / "toy"
+    present.mkdir()
+    (present / "config.json").write_text("{}")
+    (present / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(toy, "TOY_TEACHER_DIR", present)
+    cfg, resume = stage1.parse_args([])
+    assert cfg.teacher == str(present) and cfg.data == "shapes" and resume is None
+    assert (cfg.head_blocks, cfg.steps) == (1, stage1.TOY_STAGE1["steps"])
+    cfg, _ = stage1.parse_args(["teacher=/t"])  # any argument: no toy default
+    assert cfg.teacher == "/t" and cfg.data == "synthetic"

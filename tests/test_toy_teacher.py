@@ -12,7 +12,13 @@ from tmd_train.eval import tinybench
 from tmd_train.models.teacher import load_teacher
 from tmd_train.sampling import sample_teacher
 from tmd_train.text import toy_encoder
-from tmd_train.toy import TOY_CLIP_SHAPE, TOY_TEACHER_CONFIG, TOY_TEACHER_DIR, require_toy_teacher, toy_teacher_available
+from tmd_train.toy import (
+    TOY_CLIP_SHAPE,
+    TOY_TEACHER_CONFIG,
+    TOY_TEACHER_DIR,
+    require_toy_teacher,
+    toy_teacher_available,
+)
 
 
 def _weights(folder):

@@ -59,22 +59,26 @@ README_END = "<!-- demo:end -->"
 class DemoSettings:
     """Sizes of one demo run (the full default and the ``--fast`` smoke test)."""
 
-    n_eval: int = 64
+    n_eval: int = 48
     n_ref: int = 256
     teacher_steps: int = 50
     teacher_cfg: float = 5.0
-    kd_pairs: int = 32
+    kd_pairs: int = 24
     stage1_steps: int = 120
+    stage1_batch: int = 8
+    stage1_lr: float = 2e-4
     stage2_steps: int = 150
     kd_steps: int = 40
-    batch_size: int = 8
+    batch_size: int = 4
     lr: float = 1e-4
     generator_every: int = 5
+    ema_decay: float = 0.9
+    disc_width: int = 64
 
     @classmethod
     def fast(cls) -> DemoSettings:
-        return cls(n_eval=6, n_ref=16, teacher_steps=4, kd_pairs=4, stage1_steps=2, stage2_steps=5, kd_steps=2,
-                   batch_size=2)
+        return cls(n_eval=6, n_ref=16, teacher_steps=4, kd_pairs=4, stage1_steps=2, stage1_batch=2, stage2_steps=5,
+                   kd_steps=2, batch_size=2)
 
 
 @dataclass
@@ -126,27 +130,32 @@ def save_grid(clips: torch.Tensor, path: Path, rows: int = 4, scale: int = 3) ->
 
 
 def save_overview(rows: Sequence[Row], prompts: Sequence[str], path: Path, n: int = 3) -> None:
-    """All methods' first ``n`` clips in one labelled figure."""
+    """One labelled picture: a row per method, its first ``n`` clips (8 frames each) side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    F = TOY_CLIP_SHAPE[1]
-    fig, axes = plt.subplots(len(rows) * n, 1, figsize=(F * 0.9, len(rows) * n * 0.95 + 0.4))
-    axes = [axes] if len(rows) * n == 1 else list(axes)
+    _, F, H, W = TOY_CLIP_SHAPE
+    gap, cgap = 3, 8
+    width = n * F * W + (n - 1) * cgap
+    img = torch.ones(len(rows) * (H + gap) - gap, width, 3)
     for i, row in enumerate(rows):
         for j in range(n):
-            ax = axes[i * n + j]
-            strip = row.clips[j].clamp(-1, 1).add(1).div(2)  # [3, F, H, W]
-            ax.imshow(torch.cat(list(strip.unbind(1)), dim=2).permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_title(f"{row.name} (NFE {row.nfe:.3g})", fontsize=8, loc="left")
-            ax.set_ylabel(f"#{j}", fontsize=6, rotation=0, labelpad=8)
-    fig.suptitle("prompts: " + " | ".join(f"#{j} {p}" for j, p in enumerate(prompts[:n])), fontsize=7)
+            strip = row.clips[j].float().clamp(-1, 1).add(1).div(2)  # [3, F, H, W]
+            x0 = j * (F * W + cgap)
+            img[i * (H + gap):i * (H + gap) + H, x0:x0 + F * W] = torch.cat(list(strip.unbind(1)), 2).permute(1, 2, 0)
+    fig, ax = plt.subplots(figsize=(width / 60 + 2.2, img.shape[0] / 60 + 0.6))
+    ax.imshow(img.numpy(), interpolation="nearest")
+    ax.set_yticks([i * (H + gap) + H / 2 for i in range(len(rows))])
+    ax.set_yticklabels([f"{r.name} (NFE {r.nfe:.3g})" for r in rows], fontsize=7)
+    ax.set_xticks([j * (F * W + cgap) + F * W / 2 for j in range(n)])
+    ax.set_xticklabels([f'"{p}"' for p in prompts[:n]], fontsize=7)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title("frames left to right, same prompt and start noise in each column", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -171,13 +180,14 @@ def save_plot(rows: Sequence[Row], path: Path) -> None:
 
 
 def table(rows: Sequence[Row], n: int) -> str:
-    head = ("| method | steps | NFE | semantic | FD score | temporal | quality | **total** | sampling s "
+    head = ("| method | steps | NFE | semantic | FD (score) | temporal FD (score) | quality | **total** | sampling s "
             f"({n} clips) |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         s = r.scores
-        lines.append(f"| {r.name} | {r.steps} | {r.nfe:.3g} | {s['semantic']:.1f} | {s['fd_score']:.1f} | "
-                     f"{s['temporal_score']:.1f} | {s['quality']:.1f} | **{s['total']:.1f}** | {r.seconds:.1f} |")
+        lines.append(f"| {r.name} | {r.steps} | {r.nfe:.3g} | {s['semantic']:.1f} | "
+                     f"{s['fd']:.1f} ({s['fd_score']:.1f}) | {s['temporal_fd']:.2f} ({s['temporal_score']:.1f}) | "
+                     f"{s['quality']:.1f} | **{s['total']:.1f}** | {r.seconds:.1f} |")
     return "\n".join(lines)
 
 
@@ -211,8 +221,7 @@ def run(out: Path, settings: DemoSettings, threads: int | None = None) -> dict:
         _stage(module, args)
         timings[name] = time.perf_counter() - t0
 
-    common = [f"teacher={teacher_dir}", "data=shapes", f"batch_size={s.batch_size}", "checkpoint_every=100000",
-              "log_every=10"]
+    common = [f"teacher={teacher_dir}", "data=shapes", "checkpoint_every=100000", "log_every=10"]
     kd_dir = out / "kd_pairs"
     if kd_dir.exists():
         shutil.rmtree(kd_dir)
@@ -224,15 +233,18 @@ def run(out: Path, settings: DemoSettings, threads: int | None = None) -> dict:
         run_dir = out / f"stage1_tmd_M{M}"
         timed(f"stage1 TMD M={M}", "stage1", common + [
             f"output_dir={run_dir}", f"steps={s.stage1_steps}", f"outer_steps={M}", f"inner_steps={INNER_STEPS}",
-            f"head_blocks={HEAD_BLOCKS}", f"lr={s.lr}", f"synthetic_samples={max(1000, s.stage1_steps * s.batch_size)}"])
+            f"head_blocks={HEAD_BLOCKS}", f"lr={s.stage1_lr}", f"batch_size={s.stage1_batch}",
+            f"synthetic_samples={max(1000, s.stage1_steps * s.stage1_batch)}"])
         students[f"stage1_M{M}"] = run_dir / "student"
     for method in ("dmd2v", "tmd"):
         for M in (1, 2):
             run_dir = out / f"stage2_{method}_M{M}"
             args = common + [f"output_dir={run_dir}", f"method={method}", f"steps={s.stage2_steps}",
+                             f"batch_size={s.batch_size}",
                              f"outer_steps={M}", f"inner_steps={INNER_STEPS}", f"head_blocks={HEAD_BLOCKS}",
                              f"lr={s.lr}", f"generator_every={s.generator_every}", f"cfg_scale={s.teacher_cfg}",
-                             f"synthetic_samples={max(1000, s.stage2_steps * s.batch_size)}", "sample_every=0"]
+                             f"synthetic_samples={max(1000, s.stage2_steps * s.batch_size)}", "sample_every=0",
+                             f"ema_decay={s.ema_decay}", f"disc_width={s.disc_width}", "disc_groups=16"]
             if method == "tmd":
                 args.append(f"init_student={students[f'stage1_M{M}']}")
             if M == 1:
@@ -302,7 +314,8 @@ Per-method grids: {', '.join(f'`samples_{r.key}.png`' for r in rows)} (4 clips, 
 
 ## Recipe (scaled down from the paper; see `tmd_train/demo.py`)
 
-- Stage 1 (TM-MeanFlow): {s['stage1_steps']} steps, batch {s['batch_size']}, lr {s['lr']:g}, H = {HEAD_BLOCKS}, N = {INNER_STEPS}.
+- Stage 1 (TM-MeanFlow): {s['stage1_steps']} steps, batch {s['stage1_batch']}, lr {s['stage1_lr']:g},
+  H = {HEAD_BLOCKS}, N = {INNER_STEPS}.
 - KD warm-up (M = 1 only): {s['kd_pairs']} teacher ODE pairs ({s['teacher_steps']} steps × CFG {s['teacher_cfg']:g}),
   {s['kd_steps']} steps.
 - Stage 2 (DMD2-v / TMD): {s['stage2_steps']} iterations, batch {s['batch_size']}, generator every
@@ -325,7 +338,8 @@ def update_readme(out: Path, readme: Path, docs: Path) -> None:
     rows = [Row(r["name"], r["key"], r["steps"], r["nfe"], r, r["seconds"]) for r in summary["rows"]]
     rel = os.path.relpath(docs, readme.parent)
     body = (f"{table(rows, summary['settings']['n_eval'])}\n\n"
-            f"Measured by `make demo` in {summary['total_seconds'] / 60:.1f} min on {summary['threads']} CPU thread(s); "
+            f"Measured by `make demo` in {summary['total_seconds'] / 60:.1f} min on "
+            f"{summary['threads']} CPU thread(s); "
             f"full report: `runs/demo/report.md`.\n\n"
             f"![TinyBench total vs NFE]({rel}/tinybench_vs_nfe.png)\n\n![samples]({rel}/samples.png)")
     text = readme.read_text()

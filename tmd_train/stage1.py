@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import load_config, save_config
+from .config import config_from_dict, load_config, save_config
 from .data.sources import DataSource, collate, masked_text, open_source
 from .models.student import FUSIONS, HEAD_TIMES, TMDStudent
 from .models.teacher import _cast_keeping_fp32 as cast_keeping_fp32
@@ -67,6 +67,11 @@ from .training import (
 )
 
 MIXED_PRECISIONS = ("auto", "bf16", "no")
+#: The no-argument run (on top of :func:`tmd_train.toy.toy_defaults`): the toy teacher's N2H1 student
+#: (H = 1 of L = 6 blocks), a few CPU minutes.
+TOY_STAGE1: dict[str, Any] = dict(
+    outer_steps=2, inner_steps=2, head_blocks=1, synthetic_samples=4096, batch_size=8, steps=200, lr=1e-4,
+    checkpoint_every=100, log_every=10, output_dir="runs/stage1-toy")
 LOG_KEYS = ("loss", "mse", "loss_fd", "loss_tm", "frac_fd", "frac_dropped", "t_mean", "s_mean")
 
 
@@ -446,6 +451,13 @@ class Stage1Trainer:
 
 
 # ---------------------------------------------------------------------------- CLI
+def default_config() -> Stage1Config:
+    """The no-argument run: the toy world (:func:`tmd_train.toy.toy_defaults` with :data:`TOY_STAGE1`).
+    Raises FileNotFoundError (saying what to pass) without the toy teacher."""
+    from .toy import toy_defaults
+    return config_from_dict(Stage1Config, toy_defaults(**TOY_STAGE1))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Stage1Config, str | None]:
     parser = argparse.ArgumentParser(prog="python -m tmd_train.stage1", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -453,6 +465,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Stage1Config, str | N
     parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir, if any) or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)")
     args = parser.parse_args(argv)
+    if args.config is None and not args.overrides:
+        try:
+            return default_config(), args.resume
+        except FileNotFoundError as e:
+            parser.exit(2, f"stage1: no arguments and no toy world: {e}\n"
+                           "usage: python -m tmd_train.stage1 teacher=<Wan2.1 folder> data=<dataset folder> "
+                           "[key=value ...]\n")
     return load_config(Stage1Config, args.config, args.overrides), args.resume
 
 

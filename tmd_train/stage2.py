@@ -123,7 +123,7 @@ KD_KEYS = ("loss_kd",)
 
 #: The no-argument run (the toy world): small enough for a few minutes on CPU.
 TOY_STAGE2: dict[str, Any] = dict(
-    method="tmd", outer_steps=2, inner_steps=2, head_blocks=2, synthetic_samples=4096, batch_size=4, steps=200,
+    method="tmd", outer_steps=2, inner_steps=2, head_blocks=1, synthetic_samples=4096, batch_size=4, steps=200,
     lr=1e-4, disc_width=64, disc_groups=16, ema_decay=0.95, checkpoint_every=100, log_every=10, sample_every=50,
     output_dir="runs/stage2-toy")
 
