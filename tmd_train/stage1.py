@@ -19,11 +19,9 @@ global batch and draws its randomness from a generator seeded by ``(seed, step, 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import config_from_dict, load_config, save_config
+from .config import config_from_dict, save_config
 from .data.sources import DataSource, collate, masked_text, open_source
 from .models.student import FUSIONS, HEAD_TIMES, TMDStudent
 from .models.teacher import _cast_keeping_fp32 as cast_keeping_fp32
@@ -53,11 +51,12 @@ from .training import (
     all_reduce_mean,
     average_gradients,
     clip_grad_norm,
+    finish_process_group,
     gather_state,
-    is_distributed,
     load_state,
     local_tensor,
     lr_at,
+    parse_stage_args,
     read_checkpoint_state,
     resolve_resume,
     rng_state,
@@ -459,20 +458,7 @@ def default_config() -> Stage1Config:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Stage1Config, str | None]:
-    parser = argparse.ArgumentParser(prog="python -m tmd_train.stage1", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with Stage1Config fields")
-    parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir, if any) or a checkpoint folder")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)")
-    args = parser.parse_args(argv)
-    if args.config is None and not args.overrides:
-        try:
-            return default_config(), args.resume
-        except FileNotFoundError as e:
-            parser.exit(2, f"stage1: no arguments and no toy world: {e}\n"
-                           "usage: python -m tmd_train.stage1 teacher=<Wan2.1 folder> data=<dataset folder> "
-                           "[key=value ...]\n")
-    return load_config(Stage1Config, args.config, args.overrides), args.resume
+    return parse_stage_args("stage1", Stage1Config, default_config, __doc__.split("\n\n")[0], argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -481,12 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     final = trainer.fit(resume)
     if trainer.is_main:
         print(f"stage1: {trainer.step} steps, {trainer.guard.skipped} skipped; student written to {final}")
-    if is_distributed():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    finish_process_group()
     return 0
 
 

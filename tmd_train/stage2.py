@@ -45,13 +45,11 @@ replicated (its gradients averaged). Each process draws ``batch_size`` samples p
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -67,7 +65,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import config_from_dict, load_config, save_config
+from .config import config_from_dict, save_config
 from .data.format import LatentDataset
 from .data.sources import DataSource, collate, masked_text, open_source
 from .models.discriminator import (
@@ -101,10 +99,11 @@ from .training import (
     average_gradients,
     clip_grad_norm,
     derive_seed,
+    finish_process_group,
     gather_state,
-    is_distributed,
     load_state,
     local_tensor,
+    parse_stage_args,
     read_checkpoint_state,
     resolve_resume,
     rng_state,
@@ -798,20 +797,8 @@ def open_kd(folder: str, teacher_config: dict) -> LatentDataset:
 
 # ---------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Stage2Config, str | None]:
-    parser = argparse.ArgumentParser(prog="python -m tmd_train.stage2", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with Stage2Config fields")
-    parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir, if any) or a checkpoint folder")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)")
-    args = parser.parse_args(argv)
-    if args.config is None and not args.overrides:
-        try:
-            return default_config(), args.resume
-        except FileNotFoundError as e:
-            parser.exit(2, f"stage2: no arguments and no toy world: {e}\n"
-                           "usage: python -m tmd_train.stage2 teacher=<Wan2.1 folder> data=<dataset folder> "
-                           "[init_student=<stage-1 student>] [method=tmd|dmd2v] [key=value ...]\n")
-    return load_config(Stage2Config, args.config, args.overrides), args.resume
+    return parse_stage_args("stage2", Stage2Config, default_config, __doc__.split("\n\n")[0], argv,
+                            usage="[init_student=<stage-1 student>] [method=tmd|dmd2v] ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -822,12 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped = ", ".join(f"{k} {g.skipped}" for k, g in trainer.guards.items())
         print(f"stage2 ({cfg.method}): {trainer.step} steps ({trainer.gen_updates} generator updates), "
               f"skipped: {skipped}; {trainer.timing_summary()}; student written to {final}")
-    if is_distributed():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    finish_process_group()
     return 0
 
 

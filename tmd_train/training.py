@@ -11,12 +11,14 @@ multi-process one.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .config import load_config
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "state.json"
@@ -412,3 +416,38 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return lr
     return lr * min(1.0, step / warmup_steps)
+
+
+def parse_stage_args(name: str, config_cls: type, default_config: Callable[[], Any], description: str,
+                     argv: Sequence[str] | None = None, usage: str = "") -> tuple[Any, str | None]:
+    """The command line every stage shares: ``[--config cfg.yaml] [key=value ...] [--resume latest|DIR]``.
+
+    With neither ``--config`` nor overrides the stage's ``default_config()`` (the toy world) is used;
+    if it raises FileNotFoundError the process exits with status 2 and a message saying what to pass.
+    Returns ``(config, resume)``.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m tmd_train.{name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"YAML file with {config_cls.__name__} fields")
+    parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir, if any) or a checkpoint folder")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)")
+    args = parser.parse_args(argv)
+    if args.config is None and not args.overrides:
+        try:
+            return default_config(), args.resume
+        except FileNotFoundError as e:
+            parser.exit(2, f"{name}: no arguments and no toy world: {e}\n"
+                           f"usage: python -m tmd_train.{name} teacher=<Wan2.1 folder> data=<dataset folder> "
+                           f"{usage}[key=value ...]\n")
+    return load_config(config_cls, args.config, args.overrides), args.resume
+
+
+def finish_process_group() -> None:
+    """After a multi-process run: barrier, destroy the process group and leave the process at once
+    (gloo sometimes aborts at interpreter exit otherwise). No-op in a single process."""
+    if is_distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
