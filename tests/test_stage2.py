@@ -468,3 +468,15 @@ def test_sample_grids_to_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "logs"), size_guidance={"images": 0})
     acc.Reload()
     assert [e.step for e in acc.Images("samples_ema")] == [2, 3]
+
+
+def test_shipped_wan_config_is_the_papers_recipe():
+    from tmd_train.models.discriminator import Conv3DDiscriminator, default_blocks
+    cfg = load_config(Stage2Config, ROOT / "configs" / "stage2_wan2.1_1.3b.yaml")
+    assert (cfg.method, cfg.head_blocks, cfg.inner_steps, cfg.outer_steps, cfg.unroll) == ("tmd", 5, 2, 2, True)
+    assert (cfg.lr, cfg.fake_lr, cfg.disc_lr, cfg.weight_decay, cfg.adam_betas) == (1e-5, None, None, 0.01, (0.9, 0.99))
+    assert (cfg.cfg_scale, cfg.t_shift, cfg.outer_shift, cfg.gan_weight, cfg.generator_every) == (5.0, 5.0, 10.0,
+                                                                                                    0.03, 5)
+    assert default_blocks(30) == (14, 21, 28)
+    params = Conv3DDiscriminator.expected_parameters(1536, cfg.disc_width, cfg.disc_depth, 3)
+    assert 66e6 < params < 72e6  # the paper's 68 M
