@@ -137,7 +137,8 @@ def open_source(data: str, *, teacher_config: Mapping[str, Any] | None = None, s
         return src, src.negative()
     ds = LatentDataset(Path(data))
     if ds.kind != "latents":
-        raise ValueError(f"dataset {data} holds {ds.kind!r} samples; stage 1 needs 'latents'")
+        raise ValueError(f"data: dataset {data} holds {ds.kind!r} samples; training needs a 'latents' dataset "
+                         "(a 'kd' dataset goes to kd_pairs=)")
     return ds, load_negative(data)
 
 
