@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -408,6 +409,19 @@ def test_no_arguments(monkeypatch, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ (e) 2 processes (FSDP2 over gloo)
+def _torchrun(cmd: list[str], env: dict, cwd: Path, before_retry=None) -> subprocess.CompletedProcess:
+    """Run a torchrun command; run it once more if a worker died of SIGSEGV inside torch (seen once
+    in about ten CI runs, in gloo's state-dict gather on a loaded 2-core machine; never a Python
+    error). Any other failure, or a second crash, fails the test."""
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "(SIGSEGV)" in proc.stderr:
+        print("torchrun worker crashed with SIGSEGV; retrying once:\n" + proc.stderr[-2000:])
+        if before_retry is not None:
+            before_retry()
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return proc
+
+
 def test_two_process_fsdp2(tmp_path):
     """torchrun --nproc_per_node 2 (gloo): generator, fake score and teacher FSDP2-sharded, the
     discriminator replicated; the run completes (checkpoints with both ranks' RNG states, a
@@ -420,7 +434,11 @@ def test_two_process_fsdp2(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "stage2_dist_worker.py"), str(tmp_path), *overrides]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    def clean() -> None:
+        shutil.rmtree(tmp_path / "dist", ignore_errors=True)
+        (tmp_path / "done").unlink(missing_ok=True)
+
+    proc = _torchrun(cmd, env, tmp_path, clean)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert (tmp_path / "done").read_text().split() == ["6", "2"]
     ckpt = tmp_path / "dist" / "checkpoint-0000006"
@@ -432,7 +450,7 @@ def test_two_process_fsdp2(tmp_path):
 
     cli = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tmd_train.stage2", *overrides, "steps=8", "--resume", "latest"]
-    proc = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = _torchrun(cli, env, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "stage2 (tmd): 8 steps (2 generator updates)" in proc.stdout
     assert [r["step"] for r in read_metrics(tmp_path / "dist")] == list(range(1, 9))
