@@ -207,3 +207,18 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (reloadable with :func:`load_config`)."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def check_fields(cfg: Any, *, choices: Mapping[str, Sequence[Any]] = {}, positive: Sequence[str] = (),
+                 non_negative: Sequence[str] = ()) -> None:
+    """Shared ``validate()`` checks, each raising ValueError naming the field: ``choices`` maps a
+    field to its allowed values, ``positive`` fields must be >= 1, ``non_negative`` fields >= 0."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(cfg, name)!r}")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")

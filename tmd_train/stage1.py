@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import config_from_dict, save_config
+from .config import check_fields, config_from_dict, save_config
 from .data.sources import DataSource, collate, masked_text, open_source
 from .models.student import FUSIONS, HEAD_TIMES, TMDStudent
 from .models.teacher import _cast_keeping_fp32 as cast_keeping_fp32
@@ -151,19 +151,10 @@ class Stage1Config:
             raise ValueError("teacher must not be empty")
         if not self.data:
             raise ValueError("data must be a dataset folder or 'synthetic'")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.head_time not in HEAD_TIMES:
-            raise ValueError(f"head_time must be one of {HEAD_TIMES}, got {self.head_time!r}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
-        for name in ("head_blocks", "batch_size", "grad_accum_steps", "steps", "checkpoint_every", "keep_last",
-                     "log_every", "synthetic_samples", "synthetic_text_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "warmup_steps", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_fields(self, choices={"fusion": FUSIONS, "head_time": HEAD_TIMES, "mixed_precision": MIXED_PRECISIONS},
+                     positive=("head_blocks", "batch_size", "grad_accum_steps", "steps", "checkpoint_every",
+                               "keep_last", "log_every", "synthetic_samples", "synthetic_text_len"),
+                     non_negative=("num_workers", "warmup_steps", "seed"))
         if min(self.synthetic_latent_size) < 1:
             raise ValueError(f"synthetic_latent_size must be positive, got {self.synthetic_latent_size}")
         if not self.lr > 0 or not math.isfinite(self.lr):

@@ -65,7 +65,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import config_from_dict, save_config
+from .config import check_fields, config_from_dict, save_config
 from .data.format import LatentDataset
 from .data.sources import DataSource, collate, masked_text, open_source
 from .models.discriminator import (
@@ -231,22 +231,13 @@ class Stage2Config:
             raise ValueError("init_student applies to method=tmd only (the dmd2v generator is a copy of the teacher)")
         if not self.data:
             raise ValueError("data must be 'shapes', 'synthetic' or a dataset folder")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.head_time not in HEAD_TIMES:
-            raise ValueError(f"head_time must be one of {HEAD_TIMES}, got {self.head_time!r}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
-        if self.fake_time not in FAKE_TIMES:
-            raise ValueError(f"fake_time must be one of {FAKE_TIMES}, got {self.fake_time!r}")
-        for name in ("head_blocks", "outer_steps", "inner_steps", "batch_size", "steps", "generator_every",
-                     "checkpoint_every", "keep_last", "log_every", "synthetic_samples", "synthetic_text_len",
-                     "disc_width", "disc_groups"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "seed", "kd_steps", "ema_start", "sample_every", "disc_depth", "cpu_threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_fields(self, choices={"fusion": FUSIONS, "head_time": HEAD_TIMES, "mixed_precision": MIXED_PRECISIONS,
+                                    "fake_time": FAKE_TIMES},
+                     positive=("head_blocks", "outer_steps", "inner_steps", "batch_size", "steps", "generator_every",
+                               "checkpoint_every", "keep_last", "log_every", "synthetic_samples",
+                               "synthetic_text_len", "disc_width", "disc_groups"),
+                     non_negative=("num_workers", "seed", "kd_steps", "ema_start", "sample_every", "disc_depth",
+                                   "cpu_threads"))
         if self.disc_width % self.disc_groups:
             raise ValueError(f"disc_width ({self.disc_width}) must be divisible by disc_groups ({self.disc_groups})")
         if min(self.synthetic_latent_size) < 1:
