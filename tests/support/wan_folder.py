@@ -13,7 +13,7 @@ import diffusers
 import sentencepiece as spm
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
-from tiny import TINY_CONFIG, tiny_teacher
+from support.tiny import TINY_CONFIG, tiny_teacher
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 SENTENCES = [

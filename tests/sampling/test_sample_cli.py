@@ -14,13 +14,14 @@ import imageio
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import TINY_CONFIG, randomize_zero_init
-from wan_folder import FRAMES, HEIGHT, WIDTH, build_wan_folder
+from support.run import run_module
+from support.tiny import TINY_CONFIG, randomize_zero_init
+from support.wan_folder import FRAMES, HEIGHT, WIDTH, build_wan_folder
 
 from tmd_train import TMDStudent, effective_nfe, load_teacher, sample_teacher, sample_tmd
 from tmd_train.sample import PromptEncoder, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VIDEO = ["--height", str(HEIGHT), "--width", str(WIDTH), "--frames", str(FRAMES)]
 LATENT = (1, TINY_CONFIG["in_channels"], 2, HEIGHT // 8, WIDTH // 8)
 H = 2  # head blocks of the test student (the tiny teacher has L = 4)
@@ -39,12 +40,6 @@ def folders(tmp_path_factory):
     save_file({"text_emb": torch.randn(7, TINY_CONFIG["text_dim"], generator=g)}, str(emb))
     save_file({"text_emb": torch.randn(7, TINY_CONFIG["text_dim"], generator=g)}, str(neg))
     return wan, root / "student", emb, neg
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "tmd_train.sample", *args], check=False, cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def read_video(path: Path) -> list:
@@ -80,7 +75,7 @@ def test_cli_end_to_end_mp4(folders, kind, tmp_path):
     else:
         args = ["--model", str(student), "--components", str(wan), "--steps", "2", "--inner-steps", "2", "--loop"]
         nfe = effective_nfe(2, 2, H, TINY_CONFIG["num_layers"])
-    proc = run_cli([*args, "--prompt", "a red ball bounces", *VIDEO, "--seed", "3", "--out", str(out),
+    proc = run_module("tmd_train.sample", [*args, "--prompt", "a red ball bounces", *VIDEO, "--seed", "3", "--out", str(out),
                     "--device", "cpu"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"NFE {nfe:.3f}" in proc.stdout and " s -> " in proc.stdout

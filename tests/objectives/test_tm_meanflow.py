@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny import LATENT, TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
+from support.tiny import LATENT, TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
 
 import tmd_ext
 import tmd_train.objectives.tm_meanflow as tmmf

@@ -14,7 +14,7 @@ import pytest
 from tmd_train import demo
 from tmd_train.toy import toy_teacher_available
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not toy_teacher_available(), reason="the toy teacher is not shipped in this checkout")
 
 KEYS = ["teacher", "teacher_fewstep", "tmd_stage1_M1", "tmd_stage1_M2", "dmd2v_M1", "dmd2v_M2", "tmd_M1", "tmd_M2"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
-from tiny import DIM, LATENT, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
+from support.tiny import DIM, LATENT, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
 
 from tmd_train.models import (
     ConcatFusion,

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import TINY_CONFIG, randomize_zero_init
+from support.run import TESTS, output, run_module, torchrun
+from support.tiny import TINY_CONFIG, randomize_zero_init
 from torch import nn
 
 import tmd_train.stage2 as stage2
@@ -32,7 +33,7 @@ from tmd_train.stage1 import build_models
 from tmd_train.stage2 import Stage2Config, Stage2Trainer
 from tmd_train.training import list_checkpoints, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEACHER = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_CONFIG.items()}
 TEXT_LEN = 3
 LATENT = (TINY_CONFIG["in_channels"], 1, 4, 4)
@@ -327,12 +328,6 @@ def test_kd_warmup_lowers_the_loss_and_resumes(kd_folder, tmp_path):
 
 
 # ------------------------------------------------------------------ (g) the output folder samples
-def run_sample_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "tmd_train.sample", *args], check=False, cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("method", ["tmd", "dmd2v"])
 def test_output_folder_samples_with_the_cli(runs, method, tmp_path, capsys):
     _, final, trainer = runs[method]
@@ -344,7 +339,7 @@ def test_output_folder_samples_with_the_cli(runs, method, tmp_path, capsys):
     args = ["--model", str(final), "--prompt-embeds", str(emb), *video, "--seed", "4", "--out", str(out),
             "--device", "cpu", "--no-progress"]
     if method == "tmd":                                  # the real command line once; in process otherwise
-        proc = run_sample_cli(args, tmp_path)
+        proc = run_module("tmd_train.sample", args, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         stdout = proc.stdout
     else:
@@ -409,19 +404,6 @@ def test_no_arguments(monkeypatch, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ (e) 2 processes (FSDP2 over gloo)
-def _torchrun(cmd: list[str], env: dict, cwd: Path, before_retry=None) -> subprocess.CompletedProcess:
-    """Run a torchrun command; run it once more if a worker died of SIGSEGV inside torch (seen once
-    in about ten CI runs, in gloo's state-dict gather on a loaded 2-core machine; never a Python
-    error). Any other failure, or a second crash, fails the test."""
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "(SIGSEGV)" in proc.stderr:
-        print("torchrun worker crashed with SIGSEGV; retrying once:\n" + proc.stderr[-2000:])
-        if before_retry is not None:
-            before_retry()
-        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    return proc
-
-
 def test_two_process_fsdp2(tmp_path):
     """torchrun --nproc_per_node 2 (gloo): generator, fake score and teacher FSDP2-sharded, the
     discriminator replicated; the run completes (checkpoints with both ranks' RNG states, a
@@ -431,15 +413,13 @@ def test_two_process_fsdp2(tmp_path):
     values = tiny_values(tmp_path / "dist", **over)
     overrides = [f"{k}={json.dumps(v)}" for k, v in values.items() if k != "teacher"]
     overrides += [f"teacher.{k}={json.dumps(v)}" for k, v in values["teacher"].items()]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "stage2_dist_worker.py"), str(tmp_path), *overrides]
+    cmd = [str(TESTS / "methods" / "stage2_dist_worker.py"), str(tmp_path), *overrides]
     def clean() -> None:
         shutil.rmtree(tmp_path / "dist", ignore_errors=True)
         (tmp_path / "done").unlink(missing_ok=True)
 
-    proc = _torchrun(cmd, env, tmp_path, clean)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = torchrun(cmd, tmp_path, before_retry=clean)
+    assert proc.returncode == 0, output(proc)
     assert (tmp_path / "done").read_text().split() == ["6", "2"]
     ckpt = tmp_path / "dist" / "checkpoint-0000006"
     assert (ckpt / "rng_state_0.pt").is_file() and (ckpt / "rng_state_1.pt").is_file()
@@ -448,10 +428,8 @@ def test_two_process_fsdp2(tmp_path):
     rows = read_metrics(tmp_path / "dist")
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(math.isfinite(v) for r in rows for v in r.values())
 
-    cli = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tmd_train.stage2", *overrides, "steps=8", "--resume", "latest"]
-    proc = _torchrun(cli, env, tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = torchrun(["-m", "tmd_train.stage2", *overrides, "steps=8", "--resume", "latest"], tmp_path)
+    assert proc.returncode == 0, output(proc)
     assert "stage2 (tmd): 8 steps (2 generator updates)" in proc.stdout
     assert [r["step"] for r in read_metrics(tmp_path / "dist")] == list(range(1, 9))
 

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import LATENT, TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
+from support.tiny import LATENT, TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
 
 from tmd_train import TMDStudent, effective_nfe, sample_tmd, shifted_grid
 from tmd_train.inner_flow_loop import LoopedInnerFlow, sample_tmd_looped

@@ -13,7 +13,7 @@ import torch
 
 import tmd_ext
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "csrc"))
 from sources import cpp_sources, cuda_sources  # noqa: E402
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import DIM, LATENT, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
+from support.tiny import DIM, LATENT, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
 
 from tmd_train.models import TMDStudent, teacher_velocity
 from tmd_train.models.discriminator import (

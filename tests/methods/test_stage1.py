@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import TINY_CONFIG, randomize_zero_init
+from support.run import TESTS, output, torchrun
+from support.tiny import TINY_CONFIG, randomize_zero_init
 
 import tmd_train.stage1 as stage1
 from tmd_train.config import config_from_dict, load_config
@@ -24,7 +25,7 @@ from tmd_train.models import TMDStudent
 from tmd_train.stage1 import Stage1Config, Stage1Trainer
 from tmd_train.training import StepSampler, list_checkpoints, read_metrics, resolve_resume
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_values(output_dir, **over) -> dict:
@@ -261,11 +262,8 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
     values = tiny_values(tmp_path / "dist", **over)
     overrides = [f"{k}={json.dumps(v)}" for k, v in values.items() if k != "teacher"]
     overrides += [f"teacher.{k}={json.dumps(v)}" for k, v in values["teacher"].items()]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "stage1_dist_worker.py"), str(tmp_path), *overrides]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = torchrun([str(TESTS / "methods" / "stage1_dist_worker.py"), str(tmp_path), *overrides], tmp_path)
+    assert proc.returncode == 0, output(proc)
     assert (tmp_path / "done").read_text().strip() == "3"
     ckpt = tmp_path / "dist" / "checkpoint-0000003"
     assert (ckpt / "rng_state_0.pt").is_file() and (ckpt / "rng_state_1.pt").is_file()
@@ -273,10 +271,8 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
     TMDStudent.from_pretrained(tmp_path / "dist" / "student")
 
     # the CLI itself, 2 processes, resuming the run above (FSDP2 state loaded from the checkpoint)
-    cli = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tmd_train.stage1", *overrides, "steps=5", "--resume", "latest"]
-    proc = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = torchrun(["-m", "tmd_train.stage1", *overrides, "steps=5", "--resume", "latest"], tmp_path)
+    assert proc.returncode == 0, output(proc)
     assert "stage1: 5 steps, 0 skipped" in proc.stdout
     assert [row["step"] for row in read_metrics(tmp_path / "dist")] == [1, 2, 3, 4, 5]
     assert [s for s, _ in list_checkpoints(tmp_path / "dist")] == [3, 4, 5]          # keep_last=3

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from tiny import LATENT, TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_teacher
+from support.tiny import LATENT, TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_teacher
 
 import tmd_ext
 from tmd_train import (
