@@ -26,10 +26,10 @@ DEPS := numpy ninja pytest expecttest ruff safetensors tqdm pyyaml "diffusers>=0
 
 test: $(READY)
 	$(PY) -c "import tmd_ext, json; print('tmd_ext build:', json.dumps(tmd_ext.build_info()))"
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q --durations=15 $(PYTEST_ARGS)
 
 demo: $(READY)
-	$(PY) -m tmd_train.demo $(DEMO_ARGS)
+	$(PY) -m tmd_train.toy.demo $(DEMO_ARGS)
 
 bench: $(READY)
 	@for b in bench/bench_*.py; do echo "== $$b"; (cd bench && PYTHONPATH=$(CURDIR) $(PY) $$(basename $$b) $(BENCH_ARGS)) || exit 1; done

@@ -10,7 +10,7 @@ ratio), NFE-ideal speedup (NFE ratio) and realised/ideal.
 """
 from __future__ import annotations
 
-import datetime as _dt
+import datetime
 import json
 import statistics
 import sys
@@ -22,7 +22,7 @@ from common import RESULTS, device_name, parser, time_ms
 
 import tmd_ext
 from tmd_train import TMDStudent, load_teacher, sample_teacher, sample_tmd, shifted_grid
-from tmd_train.inner_flow_loop import LoopedInnerFlow, sample_tmd_looped
+from tmd_train.sampling import LoopedInnerFlow, sample_tmd_looped
 
 # Wan2.1 block structure with L=30 (as 1.3B) at a CPU-friendly width; --small shrinks the latents.
 CONFIG = {
@@ -116,7 +116,7 @@ def main() -> None:
               f"{r['ideal_speedup']:>9.1f} {r['realised_of_ideal']:>8.2f}")
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        now = _dt.datetime.now(_dt.timezone.utc)
+        now = datetime.datetime.now(datetime.timezone.utc)
         path = RESULTS / f"sampling-{'cuda' if dev.startswith('cuda') else 'cpu'}-{now:%Y%m%d}.json"
         path.write_text(json.dumps({
             "bench": "sampling", "device": device_name(dev), "torch": torch.__version__,

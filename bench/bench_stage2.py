@@ -1,6 +1,6 @@
 """Stage-2 costs: seconds per iteration of the trainer, and the price of unrolling the flow head.
 
-1. Iterations (``Stage2Trainer.dmd_step`` on a fixed batch, both methods): a generator iteration
+1. Iterations (``Distillation.dmd_step`` of the stage-2 methods on a fixed batch, both methods): a generator iteration
    (generator update + fake score + discriminator) and a critic-only iteration (generator sample
    without grad + fake score + discriminator). Median wall seconds.
 2. Generator forward + backward (``x̂`` and the gradient of ``<x̂, g>`` w.r.t. every generator
@@ -29,14 +29,15 @@ from common import RESULTS, device_name, parser, time_ms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tmd_train.config import config_from_dict  # noqa: E402
-from tmd_train.stage2 import Stage2Config, Stage2Trainer  # noqa: E402
+from tmd_train.engine.config import config_from_dict  # noqa: E402
+from tmd_train.methods import Stage2Config, build_method  # noqa: E402
+from tmd_train.methods.distill import Distillation  # noqa: E402
 
 
 def model_config(small: bool) -> tuple[dict, int, list[int], int, int]:
     """``(teacher config, H, latent (F, H, W), text_len, batch)``."""
     if small:
-        from tiny import TINY_CONFIG
+        from support.tiny import TINY_CONFIG
         return {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_CONFIG.items()}, 2, [1, 4, 4], 3, 2
     cfg = {"patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 16, "in_channels": 16,
            "out_channels": 16, "text_dim": 64, "freq_dim": 64, "ffn_dim": 256, "num_layers": 10,
@@ -44,13 +45,13 @@ def model_config(small: bool) -> tuple[dict, int, list[int], int, int]:
     return cfg, 2, [3, 16, 16], 16, 2
 
 
-def trainer_for(method: str, small: bool, out: Path, **over) -> Stage2Trainer:
+def trainer_for(method: str, small: bool, out: Path, **over) -> Distillation:
     teacher, H, latent, text_len, batch = model_config(small)
     values = dict(teacher=teacher, method=method, head_blocks=H, synthetic_samples=16, synthetic_latent_size=latent,
                   synthetic_text_len=text_len, batch_size=batch, steps=10, disc_width=16 if small else 64,
                   disc_groups=8 if small else 32, output_dir=str(out), seed=0, mixed_precision="no")
     values.update(over)
-    return Stage2Trainer(config_from_dict(Stage2Config, values))
+    return build_method(config_from_dict(Stage2Config, values))
 
 
 def iteration_times(small: bool, device: str, reps: int, out: Path) -> list[dict]:

@@ -2,20 +2,24 @@
 
 The compiled library `tmd_ext._C` registers the ops in the `tmd` namespace (`torch.ops.tmd.*`)
 with CPU and CUDA kernels; this package registers their autograd and fake (meta) kernels and
-exposes them as plain functions with argument checks:
+exposes them as plain functions with argument checks (one module per op in :mod:`tmd_ext.ops`):
 
 * :func:`adaln_modulate` — ``LN(x)·(1+scale)+shift``
 * :func:`gated_fusion` — ``m + sigmoid(alpha)·gate ⊙ (z - m)``
 * :func:`gated_fusion_linear` — the same with ``z = x·Wᵀ + b`` fused into the GEMM epilogue on sm_90a
 * :func:`flow_step` — ``y - (s-r)·(y1 - head_out)``
 * :func:`meanflow_fd_loss` — the TM-MeanFlow loss with the finite-difference target (stage 1)
-* :class:`FlowHeadLoop` — the persistent inner-flow loop (a CUDA graph of one head step replayed N times)
 
-and the class :class:`FlowHeadLoop` (C++, pybind11): the whole inner flow of one outer step,
-``N`` head evaluations each followed by the fused ``flow_step`` update, replayed from a captured
-CUDA graph on CUDA and run eagerly on CPU.
+and the inner-flow loop:
 
-:mod:`tmd_ext.reference` holds a pure-PyTorch version of each (the ground truth of the tests).
+* :class:`FlowHeadLoop` (C++, pybind11) — the whole inner flow of one outer step, ``N`` head
+  evaluations each followed by the fused ``flow_step`` update, replayed from a captured CUDA graph
+  on CUDA and run eagerly on CPU;
+* :class:`StaticFlowHeadLoop` (:mod:`tmd_ext.flow_head_loop`) — that loop with a head reading its
+  per-call inputs from static buffers, rebuilt on a new layout, with the eager fallback.
+
+:mod:`tmd_ext.reference` holds a pure-PyTorch version of each (the ground truth of the tests),
+``reference.inner_flow`` that of the loop.
 """
 from __future__ import annotations
 
@@ -44,9 +48,11 @@ except ImportError as e:
     ) from e
 
 from . import reference  # noqa: E402
+from .flow_head_loop import StaticFlowHeadLoop  # noqa: E402
 from .ops.adaln_modulate import adaln_modulate  # noqa: E402
 from .ops.flow_step import flow_step  # noqa: E402
-from .ops.gated_fusion import gated_fusion, gated_fusion_linear  # noqa: E402
+from .ops.gated_fusion import gated_fusion  # noqa: E402
+from .ops.gated_fusion_linear import gated_fusion_linear  # noqa: E402
 from .ops.meanflow_fd_loss import meanflow_fd_loss  # noqa: E402
 
 FlowHeadLoop = _C.FlowHeadLoop
@@ -65,5 +71,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["OPS", "FlowHeadLoop", "adaln_modulate", "build_info", "flow_step", "gated_fusion",
-           "gated_fusion_linear", "meanflow_fd_loss", "reference"]
+__all__ = ["OPS", "FlowHeadLoop", "StaticFlowHeadLoop", "adaln_modulate", "build_info", "flow_step",
+           "gated_fusion", "gated_fusion_linear", "meanflow_fd_loss", "reference"]

@@ -1,7 +1,9 @@
 """Pure-PyTorch references of the `tmd` ops: the ground truth of the tests and the "eager"
-provider of the benchmarks. Same contracts as the ops (DESIGN.md §3): arithmetic in fp32 (fp64
+provider of the benchmarks. Same contracts as the ops (docs/design.md §3): arithmetic in fp32 (fp64
 for fp64 inputs), output in the input dtype."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -20,6 +22,25 @@ def flow_step(y, head_out, y1, s, r):
     acc = _acc(y.dtype)
     c = _per_sample((s.double() - r.double()).to(acc), y)
     return (y.to(acc) - c * (y1.to(acc) - head_out.to(acc))).to(y.dtype)
+
+
+def inner_flow(head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], y1: torch.Tensor,
+               s_grid: torch.Tensor) -> torch.Tensor:
+    """The inner flow that :class:`tmd_ext.FlowHeadLoop` runs: from ``y = y1``, for ``j = N..1``::
+
+        y <- y - (s_j - s_{j-1})·(y1 - head(y, s_j, s_{j-1}))
+
+    each step by :func:`flow_step`. ``y1 [B, ...]``; ``s_grid`` ``[N+1]`` (shared) or ``[B, N+1]``
+    ascending inner times (``s_grid[..., 0]`` the end, ``s_grid[..., N]`` the start); ``head``
+    receives ``y`` in the dtype of ``y1`` and ``[B]`` times in the grid's dtype and returns a
+    ``[B, ...]`` tensor. Returns ``y0`` in the dtype of ``y1``."""
+    batch = y1.shape[0]
+    grid = s_grid[None, :].expand(batch, -1) if s_grid.dim() == 1 else s_grid
+    y = y1
+    for j in range(grid.shape[1] - 1, 0, -1):
+        s, r = grid[:, j].contiguous(), grid[:, j - 1].contiguous()
+        y = flow_step(y, head(y, s, r), y1, s, r)
+    return y
 
 
 def adaln_modulate(x, shift, scale, eps: float = 1e-6):

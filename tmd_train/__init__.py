@@ -1,10 +1,11 @@
-"""tmd_train: Transition Matching Distillation of Wan video transformers (DESIGN.md).
+"""tmd_train: Transition Matching Distillation of Wan video transformers (docs/design.md).
 
 Public API: :mod:`tmd_train.models` (``load_teacher``, ``TMDStudent``), :mod:`tmd_train.sampling`
 (samplers and NFE), :mod:`tmd_train.schedules` (timestep shift and grids).
 
 The names below are imported lazily (PEP 562), so tools that need no compiled op — the toy world's
-data, text encoder and teacher trainer — run without the ``tmd_ext`` extension being built.
+clips, text encoder and teacher trainer (:mod:`tmd_train.toy`) — run without the ``tmd_ext``
+extension being built.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ _EXPORTS = {
     "Features": "models", "StudentConfig": "models", "TMDStudent": "models", "load_teacher": "models",
     "teacher_velocity": "models", "Sample": "sampling", "effective_nfe": "sampling",
     "sample_few_step": "sampling", "sample_teacher": "sampling", "sample_tmd": "sampling",
+    "sample_tmd_looped": "sampling",
     "shift_time": "schedules", "shifted_grid": "schedules",
 }
 

@@ -6,7 +6,7 @@
 For sample ``i`` (the prompts of the data source, cycled): ``noise ~ N(0, I)`` (generator seeded
 by ``(seed, i)``) and ``target = sample_teacher(teacher, text, noise=noise, steps, cfg, shift)`` —
 flow-matching Euler from ``t = 1`` with CFG against the data's negative-prompt embedding. Written
-as a ``"kd"`` dataset (DESIGN.md §5: ``noise``, ``target`` ``[n, C, F, H, W]``, ``text_emb``,
+as a ``"kd"`` dataset (docs/design.md §5: ``noise``, ``target`` ``[n, C, F, H, W]``, ``text_emb``,
 ``text_mask``, the negative embedding), which ``python -m tmd_train.stage2 kd_pairs=DIR kd_steps=K
 outer_steps=1`` reads. The latent shape is the data's (``--latent-size`` for ``synthetic``).
 """
@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from .data.format import DatasetWriter
 from .data.sources import masked_text, open_source
+from .engine.seeding import derive_seed
 from .models.teacher import load_teacher
 from .sampling import sample_teacher
-from .training import derive_seed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,13 +15,13 @@ A ``tmd_sampling.json`` in the folder (written by ``python -m tmd_train.stage2``
 defaults of a distilled model: outer steps M, inner steps N and the grid shifts it was trained for.
 
 The prompt is encoded with ``text_encoder/`` (``UMT5EncoderModel``) and ``tokenizer/`` found in the
-model folder or in ``--components DIR`` (a Wan diffusers folder), as diffusers' ``WanPipeline``
-does (padded to ``--max-text-len`` tokens, zeros after the prompt), or read from
-``--prompt-embeds FILE.safetensors`` (key ``text_emb`` ``[L, D]``). The latents are decoded with
-``vae/`` (``AutoencoderKLWan``) into an mp4 (imageio-ffmpeg); ``--out X.safetensors`` (the only
-choice without a VAE) writes the latents instead (key ``latents`` ``[1, C, F, H, W]``). Everything
-is loaded with ``local_files_only``: nothing is downloaded. Prints the measured NFE and the
-sampling time.
+model folder or in ``--components DIR`` (a Wan diffusers folder) by
+:class:`~tmd_train.text.umt5.PromptEncoder`, as diffusers' ``WanPipeline`` does (padded to
+``--max-text-len`` tokens, zeros after the prompt), or read from ``--prompt-embeds FILE.safetensors``
+(key ``text_emb`` ``[L, D]``). The latents are decoded with ``vae/`` (``AutoencoderKLWan``) into an
+mp4 (imageio-ffmpeg); ``--out X.safetensors`` (the only choice without a VAE) writes the latents
+instead (key ``latents`` ``[1, C, F, H, W]``). Everything is loaded with ``local_files_only``:
+nothing is downloaded. Prints the measured NFE and the sampling time.
 """
 from __future__ import annotations
 
@@ -34,15 +34,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from .inner_flow_loop import sample_tmd_looped
 from .models import TMDStudent, load_teacher
 from .models.student import CONFIG_NAME, FORMAT
-from .sampling import Sample, sample_few_step, sample_teacher, sample_tmd
+from .sampling import Sample, sample_few_step, sample_teacher, sample_tmd, sample_tmd_looped
+from .text.umt5 import PromptEncoder
 
 SAMPLING_FILE = "tmd_sampling.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,31 +152,6 @@ def load_embedding(path: str, what: str) -> torch.Tensor:
     if emb.dim() != 3 or emb.shape[0] != 1:
         raise CLIError(f"{what} {p}: text_emb must be [L, D], got {tuple(tensors['text_emb'].shape)}")
     return emb
-
-
-class PromptEncoder:
-    """UMT5 text encoder + tokenizer of a Wan folder, used as diffusers' ``WanPipeline`` does:
-    tokens padded/truncated to ``max_len``, hidden states of the prompt tokens, zeros after them."""
-
-    def __init__(self, encoder_dir: Path, tokenizer_dir: Path, device: str, dtype: torch.dtype, max_len: int) -> None:
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        self.encoder = UMT5EncoderModel.from_pretrained(encoder_dir, local_files_only=True, torch_dtype=dtype)
-        self.encoder.to(device).eval()
-        self.device = device
-        self.max_len = max_len
-
-    @torch.no_grad()
-    def __call__(self, prompt: str) -> torch.Tensor:
-        """``prompt`` -> ``[1, max_len, D]`` float32."""
-        enc = self.tokenizer([prompt_clean(prompt)], padding="max_length", max_length=self.max_len,
-                             truncation=True, add_special_tokens=True, return_attention_mask=True,
-                             return_tensors="pt")
-        ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-        hidden = self.encoder(ids, mask).last_hidden_state.float()
-        keep = torch.arange(self.max_len, device=self.device)[None, :] < mask.sum(1, keepdim=True)
-        return torch.where(keep[..., None], hidden, torch.zeros_like(hidden))
 
 
 # ------------------------------------------------------------------------------ video

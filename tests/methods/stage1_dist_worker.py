@@ -1,8 +1,8 @@
-"""Worker of the 2-process FSDP2 test (launched by ``torchrun`` from tests/test_stage1.py).
+"""Worker of the 2-process FSDP2 test (launched by ``torchrun`` from tests/methods/test_stage1.py).
 
-    torchrun --nproc_per_node 2 tests/stage1_dist_worker.py OUT key=value ...
+    torchrun --nproc_per_node 2 tests/methods/stage1_dist_worker.py OUT key=value ...
 
-Builds the stage-1 trainer from the overrides, computes the gradients of step 1 and saves them
+Builds the stage-1 method from the overrides, computes the gradients of step 1 and saves them
 (unsharded) to ``OUT/grads.pt``, then trains the configured steps with ``fit()`` (checkpoints and
 the final student under ``output_dir``). Exits with ``os._exit(0)`` after tearing the process
 group down (gloo sometimes aborts at interpreter exit otherwise).
@@ -17,14 +17,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from tmd_train.config import load_config
-from tmd_train.stage1 import Stage1Config, Stage1Trainer
+from tmd_train.engine.config import load_config
+from tmd_train.engine.trainer import fit
+from tmd_train.methods import Stage1Config, build_method
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     cfg = load_config(Stage1Config, None, sys.argv[2:])
-    trainer = Stage1Trainer(cfg)
+    trainer = build_method(cfg)
     assert trainer.world == 2 and dist.get_backend() == "gloo"
     # FSDP2-sharded: every parameter but the 0-d ones (replicated) is a DTensor
     assert all(isinstance(p, DTensor) != (p.dim() == 0) for p in trainer.model.parameters())
@@ -33,7 +34,7 @@ def main() -> None:
     if trainer.is_main:
         torch.save(grads, out / "grads.pt")
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.fit()
+    fit(trainer)
     if trainer.is_main:
         (out / "done").write_text(f"{trainer.step}\n")
     dist.barrier()

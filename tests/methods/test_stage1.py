@@ -1,14 +1,11 @@
-"""Stage-1 trainer on a tiny random teacher (CPU): training lowers the loss, exact resume, the
-non-finite guard, checkpoint layout/keep-last/--resume latest, the final student folder, config
-loading, and (slow) a 2-process FSDP2 run over gloo whose first-step gradients match the 1-process
-run on the same global batch."""
+"""Stage 1 (``method=tm_meanflow`` and ``tm``) on a tiny random teacher (CPU): training lowers the
+loss, exact resume, the non-finite guard, checkpoint layout/keep-last/--resume latest, the final
+student folder, config loading, and (slow) a 2-process FSDP2 run over gloo whose first-step
+gradients match the 1-process run on the same global batch."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +15,16 @@ from safetensors.torch import load_file
 from support.run import TESTS, output, torchrun
 from support.tiny import TINY_CONFIG, randomize_zero_init
 
+import tmd_train.methods.tm_meanflow as tm_meanflow_method
 import tmd_train.stage1 as stage1
-from tmd_train.config import config_from_dict, load_config
 from tmd_train.data.format import DatasetWriter
+from tmd_train.engine.checkpoint import list_checkpoints, resolve_resume
+from tmd_train.engine.config import config_from_dict, load_config
+from tmd_train.engine.logging import read_metrics
+from tmd_train.engine.trainer import fit
+from tmd_train.methods import Stage1Config, build_method
+from tmd_train.methods.tm import TM
 from tmd_train.models import TMDStudent
-from tmd_train.stage1 import Stage1Config, Stage1Trainer
-from tmd_train.training import StepSampler, list_checkpoints, read_metrics, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +43,11 @@ def tiny_cfg(output_dir, **over) -> Stage1Config:
     return config_from_dict(Stage1Config, tiny_values(output_dir, **over))
 
 
+def objective(**values) -> dict:
+    """Overrides of the objective's sub-config: ``{"objective.<key>": value}``."""
+    return {f"objective.{k}": v for k, v in values.items()}
+
+
 def losses(output_dir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(output_dir)}
 
@@ -51,9 +57,8 @@ def run50(tmp_path_factory):
     """50 steps (cfg_scale 1: the plain conditional target, whose loss is not saturated by the
     random teacher's CFG term), checkpoints at 25 and 50."""
     out = tmp_path_factory.mktemp("run50")
-    cfg = tiny_cfg(out, cfg_scale=1.0)
-    trainer = Stage1Trainer(cfg)
-    final = trainer.fit()
+    cfg = tiny_cfg(out, **objective(cfg_scale=1.0))
+    final = fit(build_method(cfg))
     return out, cfg, final
 
 
@@ -96,8 +101,7 @@ def test_resume_reproduces_the_run(run50, tmp_path):
     the same losses and the same final weights."""
     out, _, final = run50
     out2 = tmp_path / "resumed"
-    trainer = Stage1Trainer(tiny_cfg(out2, cfg_scale=1.0))
-    final2 = trainer.fit(resume=str(out / "checkpoint-0000025"))
+    final2 = fit(build_method(tiny_cfg(out2, **objective(cfg_scale=1.0))), resume=str(out / "checkpoint-0000025"))
     ref, got = losses(out), losses(out2)
     assert sorted(got) == list(range(26, 51))
     assert all(got[s] == ref[s] for s in got), [(s, got[s], ref[s]) for s in got if got[s] != ref[s]]
@@ -124,7 +128,7 @@ def test_resume_latest_via_cli(tmp_path):
 def test_nonfinite_guard_skips_and_counts(tmp_path, monkeypatch):
     """A NaN loss at step 3 (and so NaN gradients): the update is skipped (weights and AdamW step
     count unchanged), counted, and training goes on."""
-    real = stage1.tm_meanflow
+    real = tm_meanflow_method.tm_meanflow
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -134,8 +138,8 @@ def test_nonfinite_guard_skips_and_counts(tmp_path, monkeypatch):
             loss_dict = {"loss": loss_dict["loss"] * float("nan")}
         return loss_dict, log
 
-    monkeypatch.setattr(stage1, "tm_meanflow", poisoned)
-    trainer = Stage1Trainer(tiny_cfg(tmp_path, steps=4))
+    monkeypatch.setattr(tm_meanflow_method, "tm_meanflow", poisoned)
+    trainer = build_method(tiny_cfg(tmp_path, steps=4))
     params = dict(trainer.student.named_parameters())
 
     def snapshot():
@@ -144,8 +148,8 @@ def test_nonfinite_guard_skips_and_counts(tmp_path, monkeypatch):
     batches = trainer.batches(1)
     for step in range(1, 5):
         before = snapshot()
-        fb = trainer.forward_backward(step, next(batches))
-        _, stepped = trainer.optimizer_step(step, fb["loss_local"])
+        logs = trainer.train_step(step, next(batches))
+        stepped = logs["stepped"] == 1.0
         after = snapshot()
         unchanged = all(torch.equal(before[k], after[k]) for k in before)
         assert stepped == (step != 3) and unchanged == (step == 3)
@@ -160,7 +164,7 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
     """gradient_checkpointing=True recomputes blocks in backward: same step-1 gradients."""
     grads = []
     for ckpt in (False, True):
-        trainer = Stage1Trainer(tiny_cfg(tmp_path / str(ckpt), steps=1, gradient_checkpointing=ckpt))
+        trainer = build_method(tiny_cfg(tmp_path / str(ckpt), steps=1, gradient_checkpointing=ckpt))
         trainer.forward_backward(1, next(trainer.batches(1)))
         grads.append(trainer.full_gradients())
     assert grads[0].keys() == grads[1].keys()
@@ -171,37 +175,41 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
 def test_bf16_autocast_run(tmp_path):
     """mixed_precision=bf16 (on CPU here; "auto" picks it on GPU): bf16 autocast steps, the frozen
     teacher in bf16 with Wan's float32 modules kept, float32 master weights."""
-    trainer = Stage1Trainer(tiny_cfg(tmp_path, steps=2, mixed_precision="bf16"))
+    trainer = build_method(tiny_cfg(tmp_path, steps=2, mixed_precision="bf16"))
     assert trainer.autocast_dtype == torch.bfloat16
     assert trainer.teacher.blocks[0].ffn.net[0].proj.weight.dtype == torch.bfloat16
     assert trainer.teacher.blocks[0].scale_shift_table.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
-    trainer.fit()
+    fit(trainer)
     rows = read_metrics(tmp_path)
     assert [r["stepped"] for r in rows] == [1.0, 1.0] and all(0 < r["loss"] < 1 for r in rows)
-    assert Stage1Trainer(tiny_cfg(tmp_path / "cpu")).autocast_dtype is None          # auto: off on CPU
+    assert build_method(tiny_cfg(tmp_path / "cpu")).autocast_dtype is None          # auto: off on CPU
 
 
 def test_dataset_folder(tmp_path, gen):
-    """data=<folder>: a dataset written in the DESIGN.md §5 format trains like the synthetic one."""
+    """data=<folder>: a dataset written in the docs/design.md §5 format trains like the synthetic one."""
     n, L, D = 6, 3, TINY_CONFIG["text_dim"]
     with DatasetWriter(tmp_path / "ds", shard_size=4) as w:
         w.add_batch([f"p{i}" for i in range(n)], latents=torch.randn(n, 4, 1, 4, 4, generator=gen),
                     text_emb=torch.randn(n, L, D, generator=gen), text_mask=torch.ones(n, L, dtype=torch.bool))
         w.set_negative(torch.randn(L, D, generator=gen), torch.ones(L, dtype=torch.bool))
-    trainer = Stage1Trainer(tiny_cfg(tmp_path / "run", data=str(tmp_path / "ds"), steps=2, batch_size=3))
-    trainer.fit()
+    fit(build_method(tiny_cfg(tmp_path / "run", data=str(tmp_path / "ds"), steps=2, batch_size=3)))
     assert [row["step"] for row in read_metrics(tmp_path / "run")] == [1, 2]
     with pytest.raises(FileNotFoundError):
-        Stage1Trainer(tiny_cfg(tmp_path / "run2", data=str(tmp_path / "missing")))
+        build_method(tiny_cfg(tmp_path / "run2", data=str(tmp_path / "missing")))
 
 
-def test_step_sampler_covers_epochs():
-    sampler = StepSampler(10, chunk_size=3, num_chunks=2, seed=0)
-    seen = [i for step in (1, 2, 3) for c in (0, 1) for i in sampler.indices(step, c)]
-    assert sorted(seen[:10]) == list(range(10))                 # epoch 0 is a permutation
-    assert sampler.indices(2, 1) == StepSampler(10, 3, 2, 0).indices(2, 1)
-    assert sampler.indices(1, 0) != StepSampler(10, 3, 2, 1).indices(1, 0)
+def test_plain_tm_method(tmp_path):
+    """method=tm: the TM-MF method with r = s on every sample (no derivative rows), same keys."""
+    cfg = tiny_cfg(tmp_path, method="tm", steps=3, **objective(equal_fraction=0.0))
+    method = build_method(cfg)
+    assert isinstance(method, TM) and method.model.objective.variant == "tm"
+    fit(method)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["frac_fd"] == 0.0 for r in rows)
+    assert load_config(Stage1Config, tmp_path / "config.yaml") == cfg
+    assert build_method(tiny_cfg(tmp_path / "mf", **objective(equal_fraction=0.0))).model.objective.variant == \
+        "tm_meanflow"
 
 
 # ------------------------------------------------------------------ config
@@ -209,15 +217,19 @@ def test_config_yaml_overrides_and_validation(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"teacher": {"num_layers": 4, "patch_size": [1, 2, 2]}, "lr": 1e-4, "steps": 7}))
     cfg = load_config(Stage1Config, f, ["lr=3e-5", "teacher.num_layers=2", "adam_betas=[0.8, 0.9]",
-                                        "cfg_source=student", "gradient_checkpointing=true"])
+                                        "objective.cfg_source=student", "gradient_checkpointing=true"])
     assert cfg.lr == 3e-5 and isinstance(cfg.lr, float) and cfg.steps == 7
     assert cfg.teacher == {"num_layers": 2, "patch_size": [1, 2, 2]}
-    assert cfg.adam_betas == (0.8, 0.9) and cfg.cfg_source == "student" and cfg.gradient_checkpointing is True
-    assert cfg.objective_config.cfg_source == "student"
+    assert cfg.adam_betas == (0.8, 0.9) and cfg.objective.cfg_source == "student"
+    assert cfg.gradient_checkpointing is True
     cases = [(["lrr=1"], "unknown config key 'lrr'"), (["steps=1.5"], "steps: expected an int"),
              (["gradient_checkpointing=2"], "expected a bool"), (["adam_betas=[0.9]"], "expected 2 values"),
-             (["steps=0"], "steps must be >= 1"), (["cfg_source=ema"], "cfg_source"),
-             (["equal_fraction=2"], "equal_fraction"), (["mixed_precision=fp8"], "mixed_precision"),
+             (["steps=0"], "steps must be >= 1"), (["objective.cfg_source=ema"], "objective.cfg_source"),
+             (["objective.equal_fraction=2"], "objective.equal_fraction"),
+             (["cfg_source=student"], "unknown config key 'cfg_source'"),
+             (["objective.cfg_scle=2"], "unknown config key 'objective.cfg_scle'"),
+             (["objective.variant=tm"], "unknown config key 'objective.variant'"),
+             (["method=dmd2v"], "method must be one of"), (["mixed_precision=fp8"], "mixed_precision"),
              (["fusion=sum"], "fusion"), (["lr"], "key=value"), (["steps.x=1"], "not a mapping")]
     for overrides, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -233,31 +245,32 @@ def trained_like_student(tmp_path, **over) -> Path:
     """A student folder for the tiny config whose zero-initialised layers (fusion gate and
     modulation, α, the s and s-r embeddings) are non-zero, as after some training: at init their
     gradients vanish (e.g. ∂/∂α ∝ gate = 0), which would hide errors in their handling."""
-    trainer = Stage1Trainer(tiny_cfg(tmp_path / "init-run", **over))
+    trainer = build_method(tiny_cfg(tmp_path / "init-run", **over))
     randomize_zero_init(trainer.student, torch.Generator().manual_seed(0), scale=0.1)
-    trainer.save_final(tmp_path / "init")
+    trainer.export(tmp_path / "init")
     return tmp_path / "init"
 
 
 def test_init_student(tmp_path):
     folder = trained_like_student(tmp_path)
-    trainer = Stage1Trainer(tiny_cfg(tmp_path / "run", init_student=str(folder)))
+    trainer = build_method(tiny_cfg(tmp_path / "run", init_student=str(folder)))
     ref = load_file(str(folder / "model.safetensors"))
     got = trainer.student.state_dict()
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     with pytest.raises(ValueError, match="head_blocks"):
-        Stage1Trainer(tiny_cfg(tmp_path / "run2", init_student=str(folder), head_blocks=1))
+        build_method(tiny_cfg(tmp_path / "run2", init_student=str(folder), head_blocks=1))
     other = dict(tiny_values(tmp_path)["teacher"], ffn_dim=48)
     with pytest.raises(ValueError, match="teacher architecture"):
-        Stage1Trainer(tiny_cfg(tmp_path / "run3", init_student=str(folder), teacher=other))
+        build_method(tiny_cfg(tmp_path / "run3", init_student=str(folder), teacher=other))
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_two_process_fsdp2_matches_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo, FSDP2 on every block and the root): the run completes,
     and its step-1 gradients equal those of one process accumulating the same two chunks (from
     a student whose zero-initialised layers are non-zero, so every gradient is)."""
-    over = dict(steps=3, checkpoint_every=2, batch_size=2, cfg_scale=3.0, equal_fraction=0.5,
+    over = dict(steps=3, checkpoint_every=2, batch_size=2, **objective(cfg_scale=3.0, equal_fraction=0.5),
                 init_student=str(trained_like_student(tmp_path)))
     values = tiny_values(tmp_path / "dist", **over)
     overrides = [f"{k}={json.dumps(v)}" for k, v in values.items() if k != "teacher"]
@@ -277,7 +290,7 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
     assert [row["step"] for row in read_metrics(tmp_path / "dist")] == [1, 2, 3, 4, 5]
     assert [s for s, _ in list_checkpoints(tmp_path / "dist")] == [3, 4, 5]          # keep_last=3
 
-    single = Stage1Trainer(tiny_cfg(tmp_path / "single", grad_accum_steps=2, **over))
+    single = build_method(tiny_cfg(tmp_path / "single", grad_accum_steps=2, **over))
     single.forward_backward(1, next(single.batches(1)))
     ref = single.full_gradients()
     got = torch.load(tmp_path / "grads.pt")
@@ -289,8 +302,9 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
 
 def test_shipped_config_loads():
     cfg = load_config(Stage1Config, ROOT / "configs" / "stage1_wan2.1_1.3b.yaml")
-    assert (cfg.head_blocks, cfg.inner_steps, cfg.outer_steps, cfg.lr) == (5, 2, 2, 3e-5)
-    assert cfg.objective_config.delta == 5e-3 and cfg.objective_config.equal_fraction == 0.75
+    assert (cfg.method, cfg.head_blocks, cfg.objective.inner_steps, cfg.objective.outer_steps, cfg.lr) == (
+        "tm_meanflow", 5, 2, 2, 3e-5)
+    assert cfg.objective.delta == 5e-3 and cfg.objective.equal_fraction == 0.75
 
 
 def test_no_arguments_uses_the_toy_world(monkeypatch, tmp_path, capsys):

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,17 +18,21 @@ from support.run import TESTS, output, run_module, torchrun
 from support.tiny import TINY_CONFIG, randomize_zero_init
 from torch import nn
 
+import tmd_train.methods.distill as distill
 import tmd_train.stage2 as stage2
-from tmd_train.config import config_from_dict, load_config
 from tmd_train.data.format import LatentDataset
 from tmd_train.data.sources import SyntheticSource, masked_text
+from tmd_train.engine.checkpoint import list_checkpoints
+from tmd_train.engine.config import config_from_dict, load_config
+from tmd_train.engine.logging import read_metrics
+from tmd_train.engine.trainer import fit
+from tmd_train.methods import Stage2Config, build_method
+from tmd_train.methods.distill import Distillation
+from tmd_train.methods.networks import build_models
 from tmd_train.models import TMDStudent, load_teacher
 from tmd_train.objectives.dmd import dmd_loss
 from tmd_train.sample import main as sample_main
 from tmd_train.sampling import sample_few_step, sample_teacher, sample_tmd
-from tmd_train.stage1 import build_models
-from tmd_train.stage2 import Stage2Config, Stage2Trainer
-from tmd_train.training import list_checkpoints, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 TEACHER = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_CONFIG.items()}
@@ -71,7 +72,7 @@ def trained_like_student(folder: Path) -> Path:
 
 
 def tiny_teacher_folder(folder: Path) -> Path:
-    """The tiny teacher exactly as Stage2Trainer builds it from ``TEACHER`` with seed 0, saved."""
+    """The tiny teacher exactly as the stage-2 methods build it from ``TEACHER`` with seed 0, saved."""
     teacher, _ = build_models(TEACHER, 0, need_teacher=True, head_blocks=2)
     teacher.save_pretrained(folder)
     return folder
@@ -110,7 +111,7 @@ def first_step_grads(tmp_path, unroll: bool, checkpoint: bool = False):
     block: ``(first-call grads {fusion, block}, calls, all generator grads)``."""
     cfg = tiny_cfg(tmp_path / f"run-{unroll}-{checkpoint}", init_student=str(trained_like_student(tmp_path / "init")),
                    unroll=unroll, unroll_checkpoint=checkpoint, inner_steps=2)
-    trainer = Stage2Trainer(cfg)
+    trainer = build_method(cfg)
     student = trainer.generator
     k = student.backbone_blocks
     student.fusion = FirstCall(student.fusion)
@@ -151,7 +152,7 @@ def test_unroll_reaches_the_first_inner_step(tmp_path):
 
 
 # ------------------------------------------------------------------ (b) schedule
-def record_updates(trainer: Stage2Trainer) -> list[tuple[int, str]]:
+def record_updates(trainer: Distillation) -> list[tuple[int, str]]:
     """Wrap every optimizer's step so that ``(step, name)`` is recorded."""
     log: list[tuple[int, str]] = []
     current = {"step": 0}
@@ -173,9 +174,9 @@ def record_updates(trainer: Stage2Trainer) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("every", [5, 3])
 def test_update_schedule(tmp_path, every):
-    trainer = Stage2Trainer(tiny_cfg(tmp_path, steps=12, generator_every=every, checkpoint_every=100))
+    trainer = build_method(tiny_cfg(tmp_path, steps=12, generator_every=every, checkpoint_every=100))
     log = record_updates(trainer)
-    trainer.fit()
+    fit(trainer)
     want = []
     for i in range(1, 13):
         if i % every == 0:
@@ -192,8 +193,8 @@ def runs(tmp_path_factory):
     out = {}
     for method in ("tmd", "dmd2v"):
         folder = tmp_path_factory.mktemp(method)
-        trainer = Stage2Trainer(tiny_cfg(folder / "run", method=method))
-        final = trainer.fit()
+        trainer = build_method(tiny_cfg(folder / "run", method=method))
+        final = fit(trainer)
         out[method] = (folder / "run", final, trainer)
     return out
 
@@ -233,9 +234,9 @@ def test_kill_and_resume_is_exact(runs, method, tmp_path):
     """Stop after 7 iterations (steps=7: mid generator cycle), resume to 24: identical final
     generator, EMA, fake score, discriminator and optimizer states as the uninterrupted run."""
     out, final, _ = runs[method]
-    Stage2Trainer(tiny_cfg(tmp_path / "run", method=method, steps=7)).fit()
+    fit(build_method(tiny_cfg(tmp_path / "run", method=method, steps=7)))
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [7]
-    Stage2Trainer(tiny_cfg(tmp_path / "run", method=method)).fit(resume="latest")
+    fit(build_method(tiny_cfg(tmp_path / "run", method=method)), resume="latest")
     same_files(out / "checkpoint-0000024", tmp_path / "run" / "checkpoint-0000024")
     a = torch.load(out / "checkpoint-0000024" / "optimizers.pt", weights_only=False)
     b = torch.load(tmp_path / "run" / "checkpoint-0000024" / "optimizers.pt", weights_only=False)
@@ -253,7 +254,7 @@ def test_kill_and_resume_is_exact(runs, method, tmp_path):
 
 def test_nonfinite_guard_per_optimizer(tmp_path, monkeypatch):
     """A NaN fake-score loss at iteration 3 skips (and counts) only the fake score's update."""
-    real = stage2.fake_score_loss
+    real = distill.fake_score_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -263,9 +264,9 @@ def test_nonfinite_guard_per_optimizer(tmp_path, monkeypatch):
             loss_dict = {"loss": loss_dict["loss"] * float("nan")}
         return loss_dict, log
 
-    monkeypatch.setattr(stage2, "fake_score_loss", poisoned)
-    trainer = Stage2Trainer(tiny_cfg(tmp_path, steps=5, checkpoint_every=100))
-    trainer.fit()
+    monkeypatch.setattr(distill, "fake_score_loss", poisoned)
+    trainer = build_method(tiny_cfg(tmp_path, steps=5, checkpoint_every=100))
+    fit(trainer)
     assert {k: g.skipped for k, g in trainer.guards.items()} == {"generator": 0, "fake_score": 1, "discriminator": 0}
     assert all(torch.isfinite(p).all() for p in trainer.fake_score.parameters())
     assert json.loads((tmp_path / "checkpoint-0000005" / "state.json").read_text())["skipped_steps"]["fake_score"] == 1
@@ -309,9 +310,9 @@ def test_kd_warmup_lowers_the_loss_and_resumes(kd_folder, tmp_path):
     reproduces the run exactly."""
     _, pairs = kd_folder
     over = dict(outer_steps=1, kd_pairs=str(pairs), kd_steps=16, kd_lr=3e-3, steps=6, checkpoint_every=8)
-    trainer = Stage2Trainer(tiny_cfg(tmp_path / "run", **over))
+    trainer = build_method(tiny_cfg(tmp_path / "run", **over))
     log = record_updates(trainer)
-    trainer.fit()
+    fit(trainer)
     assert [s for s, name in log if name == "generator"] == [*range(1, 17), 21]
     assert {s for s, name in log if name != "generator"} == set(range(17, 23))
     rows = read_metrics(tmp_path / "run")
@@ -322,8 +323,8 @@ def test_kd_warmup_lowers_the_loss_and_resumes(kd_folder, tmp_path):
     optim = torch.load(tmp_path / "run" / "checkpoint-0000008" / "optimizers.pt", weights_only=False)
     assert optim["fake_score"] is None and optim["discriminator"] is None      # not stepped yet: not initialised
     assert optim["generator"]["state"]
-    resumed = Stage2Trainer(tiny_cfg(tmp_path / "resumed", **over))
-    resumed.fit(resume=str(tmp_path / "run" / "checkpoint-0000008"))
+    resumed = build_method(tiny_cfg(tmp_path / "resumed", **over))
+    fit(resumed, resume=str(tmp_path / "run" / "checkpoint-0000008"))
     same_files(tmp_path / "run" / "checkpoint-0000022", tmp_path / "resumed" / "checkpoint-0000022")
 
 
@@ -367,20 +368,28 @@ def test_config_errors_name_the_key(tmp_path):
     cases = [(dict(kd_steps=2, kd_pairs="x"), "kd_steps"), (dict(method="gan"), "method"),
              (dict(kd_steps=2, outer_steps=1), "kd_pairs"), (dict(method="dmd2v", init_student="x"), "init_student"),
              (dict(disc_width=10, disc_groups=4), "disc_width"), (dict(generator_every=0), "generator_every"),
-             (dict(ema_decay=1.0), "ema_decay"), (dict(fake_lr=-1.0), "fake_lr"), (dict(t_shift=0), "t_shift"),
+             (dict(ema_decay=1.0), "ema_decay"), (dict(fake_lr=-1.0), "fake_lr"),
+             ({"dmd.tau_shift": 0}, "dmd.tau_shift must be > 0"), ({"dmd": {"tau_min": 0.5, "tau_max": 0.4}},
+                                                                   "dmd.tau_min"),
              (dict(mixed_precision="fp8"), "mixed_precision"), (dict(outer_shift=0), "outer_shift")]
     for over, key in cases:
         with pytest.raises(ValueError, match=key):
             tiny_cfg(tmp_path, **over)
     with pytest.raises(ValueError, match="unknown config key 'generator_evry'"):
         load_config(Stage2Config, None, ["generator_evry=3"])
+    for old in ("t_shift=3", "cfg_scale=3", "dmd_t_min=0.01"):                     # now under dmd.
+        with pytest.raises(ValueError, match=f"unknown config key '{old.split('=')[0]}'"):
+            load_config(Stage2Config, None, ["teacher=/x", old])
+    with pytest.raises(ValueError, match="unknown config key 'dmd.t_max'"):
+        load_config(Stage2Config, None, ["teacher=/x", "dmd.t_max=0.9"])
     with pytest.raises(ValueError, match="teacher is required"):
         load_config(Stage2Config, None, ["steps=3"])
     cfg = load_config(Stage2Config, None, ["teacher=/x", "method=dmd2v", "outer_steps=4", "unroll=false",
-                                           "disc_blocks=[1, 2]", "kd_lr=1e-4"])
+                                           "disc_blocks=[1, 2]", "kd_lr=1e-4", "dmd.cfg_scale=3", "dmd.tau_max=0.9"])
     assert (cfg.method, cfg.outer_steps, cfg.unroll, cfg.disc_blocks, cfg.kd_lr) == ("dmd2v", 4, False, [1, 2], 1e-4)
+    assert (cfg.dmd.cfg_scale, cfg.dmd.tau_max, cfg.t_max) == (3.0, 0.9, 0.999)
     d = Stage2Config(teacher="x")
-    assert (d.lr, d.weight_decay, d.adam_betas, d.generator_every, d.gan_weight, d.cfg_scale, d.t_shift,
+    assert (d.lr, d.weight_decay, d.adam_betas, d.generator_every, d.gan_weight, d.dmd.cfg_scale, d.dmd.tau_shift,
             d.outer_shift, d.head_blocks) == (1e-5, 0.01, (0.9, 0.99), 5, 0.03, 5.0, 5.0, 10.0, 5)
 
 
@@ -404,6 +413,7 @@ def test_no_arguments(monkeypatch, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ (e) 2 processes (FSDP2 over gloo)
+@pytest.mark.dist
 def test_two_process_fsdp2(tmp_path):
     """torchrun --nproc_per_node 2 (gloo): generator, fake score and teacher FSDP2-sharded, the
     discriminator replicated; the run completes (checkpoints with both ranks' RNG states, a
@@ -438,14 +448,14 @@ def test_two_process_fsdp2(tmp_path):
 def test_bf16_autocast_run(tmp_path, method):
     """mixed_precision=bf16 (on CPU here; "auto" picks it on GPU): the frozen teacher in bf16 (Wan's
     float32 modules kept), float32 trainable weights, finite losses over a generator cycle."""
-    trainer = Stage2Trainer(tiny_cfg(tmp_path, method=method, mixed_precision="bf16", steps=5, checkpoint_every=100))
+    trainer = build_method(tiny_cfg(tmp_path, method=method, mixed_precision="bf16", steps=5, checkpoint_every=100))
     assert trainer.autocast_dtype == torch.bfloat16
     teacher = trainer.teacher.teacher
     assert teacher.blocks[0].ffn.net[0].proj.weight.dtype == torch.bfloat16
     assert teacher.blocks[0].scale_shift_table.dtype == torch.float32
     for model in (trainer.generator, trainer.fake_score, trainer.disc):
         assert all(p.dtype == torch.float32 for p in model.parameters())
-    trainer.fit()
+    fit(trainer)
     rows = read_metrics(tmp_path)
     assert len(rows) == 5 and all(math.isfinite(v) for r in rows for v in r.values())
     assert rows[-1]["skipped_generator"] == 0 and "loss_dmd" in rows[-1]
@@ -456,8 +466,8 @@ def test_sample_grids_to_tensorboard(tmp_path):
     logged to TensorBoard at steps 2 and 3 (the last)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer = Stage2Trainer(tiny_cfg(tmp_path, steps=3, sample_every=2, checkpoint_every=100))
-    trainer.fit()
+    trainer = build_method(tiny_cfg(tmp_path, steps=3, sample_every=2, checkpoint_every=100))
+    fit(trainer)
     grid = trainer.sample_grid()
     assert grid.shape == (3, LATENT[2], 4 * LATENT[3]) and 0 <= float(grid.min()) and float(grid.max()) <= 1
     assert torch.equal(grid, trainer.sample_grid())                       # fixed noise and prompts
@@ -471,8 +481,9 @@ def test_shipped_wan_config_is_the_papers_recipe():
     cfg = load_config(Stage2Config, ROOT / "configs" / "stage2_wan2.1_1.3b.yaml")
     assert (cfg.method, cfg.head_blocks, cfg.inner_steps, cfg.outer_steps, cfg.unroll) == ("tmd", 5, 2, 2, True)
     assert (cfg.lr, cfg.fake_lr, cfg.disc_lr, cfg.weight_decay, cfg.adam_betas) == (1e-5, None, None, 0.01, (0.9, 0.99))
-    assert (cfg.cfg_scale, cfg.t_shift, cfg.outer_shift, cfg.gan_weight, cfg.generator_every) == (5.0, 5.0, 10.0,
-                                                                                                    0.03, 5)
+    assert (cfg.dmd.cfg_scale, cfg.dmd.tau_shift, cfg.outer_shift, cfg.gan_weight, cfg.generator_every) == (
+        5.0, 5.0, 10.0, 0.03, 5)
+    assert (cfg.dmd.tau_min, cfg.dmd.tau_max) == (0.001, 0.999)
     assert default_blocks(30) == (14, 21, 28)
     params = Conv3DDiscriminator.expected_parameters(1536, cfg.disc_width, cfg.disc_depth, 3)
     assert 66e6 < params < 72e6  # the paper's 68 M

@@ -85,8 +85,8 @@ def test_dmd_gradient_is_analytic():
 def test_dmd_config_validation():
     with pytest.raises(ValueError, match="fake_time"):
         DMDConfig(fake_time="x")
-    with pytest.raises(ValueError, match="t_min"):
-        DMDConfig(t_min=0.5, t_max=0.4)
+    with pytest.raises(ValueError, match="tau_min"):
+        DMDConfig(tau_min=0.5, tau_max=0.4)
 
 
 # ---------------------------------------------------------------------------- generator samples

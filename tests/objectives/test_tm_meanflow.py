@@ -78,7 +78,7 @@ def test_inner_time_sampler(gen):
     frac = TMMeanFlowConfig(equal_fraction=0.3)
     s2, r2 = sample_inner_times(20000, frac, gen, torch.device("cpu"))
     assert abs((r2 == s2).double().mean().item() - 0.3) < 0.02
-    s3, r3 = sample_inner_times(1000, TMMeanFlowConfig(objective="tm"), gen, torch.device("cpu"))
+    s3, r3 = sample_inner_times(1000, TMMeanFlowConfig(variant="tm"), gen, torch.device("cpu"))
     assert torch.equal(s3, r3)
 
 
@@ -91,7 +91,7 @@ def test_fd_times():
 
 
 def test_config_validation():
-    for bad in (dict(objective="meanflow"), dict(cfg_source="ema"), dict(inner_steps=0), dict(delta=0.0),
+    for bad in (dict(variant="meanflow"), dict(cfg_source="ema"), dict(inner_steps=0), dict(delta=0.0),
                 dict(equal_fraction=1.5), dict(cond_dropout=-0.1), dict(s_min=0.5, s_max_clip=0.4),
                 dict(cfg_scale=0.0), dict(c_scale=-1.0), dict(t_max=0.0), dict(fd_autocast=1)):
         with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
@@ -157,7 +157,7 @@ def test_fd_pass_matches_exact_jvp(gen):
 
 
 def test_fd_error_default_time_embedding(gen, capsys):
-    """Measured, not hidden (DESIGN.md §1): with ω_max = 10 rad/unit (ω_max·δ = 0.05, DESIGN.md's ceiling)
+    """Measured, not hidden (docs/design.md §1): with ω_max = 10 rad/unit (ω_max·δ = 0.05, docs/design.md's ceiling)
     the truncation error at δ = 5e-3 is ≈ (ω_max·δ)²/6 ≈ 4e-4; with Wan's float32 islands kept,
     their rounding noise adds ~1e-4·(scale of the model). Both stay below 1e-3."""
     student = make_student(seed=5, dtype=F64, gen=gen, time_max_freq=10.0)
@@ -242,7 +242,7 @@ def naive_tm_meanflow(student, teacher, batch, cfg, gen):
     equal = torch.rand(B, generator=gen, dtype=F64) < cfg.equal_fraction
     grid_s = shifted_grid(cfg.inner_steps, cfg.inner_shift, cfg.s_max)
     r = torch.stack([grid_s[grid_s <= si].max() for si in s])
-    r = s.clone() if cfg.objective == "tm" else torch.where(equal, s, r)
+    r = s.clone() if cfg.variant == "tm" else torch.where(equal, s, r)
     x_t = (1 - per(t, x)) * x + per(t, x) * x1
     y = x1 - x
     y_s = (1 - per(s, y)) * y + per(s, y) * y1
@@ -269,7 +269,7 @@ def test_objective_matches_naive_reference(objective):
     student = make_student(seed=3, dtype=F64, gen=gen)
     teacher = tiny_teacher(seed=3).double()
     batch = make_batch(6, gen, F64)
-    cfg = TMMeanFlowConfig(objective=objective, equal_fraction=0.5, cond_dropout=0.4, inner_steps=3)
+    cfg = TMMeanFlowConfig(variant=objective, equal_fraction=0.5, cond_dropout=0.4, inner_steps=3)
     loss_dict, log = tm_meanflow(student, batch, cfg, torch.Generator().manual_seed(7), teacher=teacher)
     loss_dict["loss"].backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
@@ -301,7 +301,7 @@ def test_objective_pass_rows(gen):
     batch = make_batch(8, gen)
     L, H = 4, 2
     for objective in ("tm_meanflow", "tm"):
-        cfg = TMMeanFlowConfig(objective=objective, equal_fraction=0.5)
+        cfg = TMMeanFlowConfig(variant=objective, equal_fraction=0.5)
         with count_blocks(student.transformer.blocks[:L - H], 1) as backbone, \
                 count_blocks(student.transformer.blocks[L - H:], 1) as head:
             _, log = tm_meanflow(student, batch, cfg, torch.Generator().manual_seed(3), teacher=teacher)
@@ -404,6 +404,6 @@ def test_module_calls_do_not_depend_on_the_draws(gen):
                                    torch.Generator().manual_seed(4), teacher=teacher)
     assert log["frac_fd"].item() == 0 and log["frac_dropped"].item() == 1
     assert head.rows == (4 + 2) * H
-    loss_tm, _ = tm_meanflow(student, batch, TMMeanFlowConfig(objective="tm", cond_dropout=1.0),
+    loss_tm, _ = tm_meanflow(student, batch, TMMeanFlowConfig(variant="tm", cond_dropout=1.0),
                              torch.Generator().manual_seed(4), teacher=teacher)
     torch.testing.assert_close(loss_mf["loss"], loss_tm["loss"], atol=0, rtol=0)

@@ -1,5 +1,6 @@
-"""The compiled library: what build_info() says, that every op has its kernels, the torch-version
-guard, and that setup.py and CMake share one source list."""
+"""The compiled library: what build_info() says, that every op has its kernels, its wrapper,
+reference, test and benchmark, the torch-version guard, and that setup.py and CMake share one
+source list."""
 from __future__ import annotations
 
 import os
@@ -47,6 +48,16 @@ def test_every_public_op_is_registered():
         assert f"tmd::{name}" in ops
         assert f"tmd::{name}_backward" in ops
         assert callable(getattr(tmd_ext, name))
+
+
+@pytest.mark.parametrize("name", tmd_ext.OPS)
+def test_every_op_has_wrapper_reference_test_and_bench(name):
+    """One name per op: ``tmd_ext/ops/<op>.py``, ``reference.<op>``, ``tests/ops/test_<op>.py``,
+    ``bench/bench_<op>.py``."""
+    for path in (f"tmd_ext/ops/{name}.py", f"tests/ops/test_{name}.py", f"bench/bench_{name}.py"):
+        assert (ROOT / path).is_file(), f"{path} missing"
+    assert callable(getattr(tmd_ext.reference, name))
+    assert getattr(tmd_ext, name).__module__ == f"tmd_ext.ops.{name}"
 
 
 @pytest.mark.parametrize("key", ["CPU", "CUDA"])

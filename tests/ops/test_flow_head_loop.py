@@ -1,15 +1,18 @@
-"""FlowHeadLoop: the C++ inner-flow loop vs a plain Python loop with tmd_ext.flow_step (CPU eager
-path, CUDA graph path and CUDA eager path), call accounting, static-buffer updates, no host sync
-on CUDA, and bad input."""
+"""FlowHeadLoop: the C++ inner-flow loop vs a plain Python loop with tmd_ext.flow_step (bit-exact)
+and vs the pure-PyTorch reference.inner_flow (CPU eager path, CUDA graph path and CUDA eager path),
+call accounting, static-buffer updates, no host sync on CUDA, and bad input; StaticFlowHeadLoop,
+its Python side (static buffers copied per call, rebuilt on a new layout, the eager fallback)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from conftest import DTYPES, TOL, noncontig, randn
 
 import tmd_ext
+from tmd_ext import reference
 
 SHAPES = [(1, 3), (3, 7), (2, 4, 1, 3, 5), (2, 16, 2, 4, 8)]
 
@@ -42,7 +45,7 @@ def python_loop(head, y1: torch.Tensor, s_grid: torch.Tensor) -> torch.Tensor:
 
 
 def make_grid(n: int, dtype=torch.float32, device="cpu", gamma: float = 10.0) -> torch.Tensor:
-    """An increasing shifted grid [n+1] from 0 to 1 (the inner-grid shift of DESIGN.md §1)."""
+    """An increasing shifted grid [n+1] from 0 to 1 (the inner-grid shift of docs/design.md §1)."""
     u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
     return (gamma * u / ((gamma - 1) * u + 1)).to(dtype=dtype, device=device)
 
@@ -107,6 +110,35 @@ def test_cpu_noncontiguous_y1(gen):
     torch.testing.assert_close(loop(noncontig(y1)), want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 4])
+def test_cpu_matches_reference(shape, dtype, n, gen):
+    """The loop against the pure-PyTorch inner flow (reference.flow_step per step)."""
+    head, y1, grid = setup(shape, dtype, "cpu", gen, n)
+    got = tmd_ext.FlowHeadLoop(head, shape, dtype, "cpu", grid)(y1)
+    with torch.no_grad():
+        want = reference.inner_flow(head, y1, grid)
+    assert want.dtype == dtype and want.shape == shape
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_reference_is_the_recurrence(gen):
+    """reference.inner_flow written out in float64: y <- y - (s_j - s_{j-1})·(y1 - head(y, s_j, s_{j-1})),
+    for a shared [N+1] grid and for per-sample [B, N+1] grids."""
+    shape = (3, 2, 5)
+    head, y1, grid = setup(shape, torch.float64, "cpu", gen, 4, torch.float64)
+    per_sample = torch.stack([grid, grid ** 2, grid.sqrt()])
+    for g in (grid, per_sample):
+        rows = g[None, :].expand(3, -1) if g.dim() == 1 else g
+        y = y1
+        with torch.no_grad():
+            for j in range(4, 0, -1):
+                s, r = rows[:, j], rows[:, j - 1]
+                y = y - (s - r).view(3, 1, 1) * (y1 - head(y, s, r))
+            torch.testing.assert_close(reference.inner_flow(head, y1, g), y, atol=1e-12, rtol=1e-12)
+
+
 def test_constant_velocity_lands_on_data(gen):
     """With head_out = y (the data) the inner velocity y1 - y is constant: from s=1 to s=0 the loop
     must land exactly on y for any grid."""
@@ -116,6 +148,7 @@ def test_constant_velocity_lands_on_data(gen):
     grid = torch.tensor([0.0, 0.05, 0.4, 0.41, 1.0], dtype=torch.float64)
     loop = tmd_ext.FlowHeadLoop(lambda y, s, r: x, shape, torch.float64, "cpu", grid)
     torch.testing.assert_close(loop(y1), x, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(reference.inner_flow(lambda y, s, r: x, y1, grid), x, atol=1e-12, rtol=1e-12)
 
 
 def test_static_feature_buffer_update(gen):
@@ -344,3 +377,128 @@ def test_cuda_bad_head_output_before_capture():
     assert not loop.captured and loop.num_head_calls == 0
     with pytest.raises(ValueError, match="y1 must be on device cuda:0"):
         loop(torch.randn(2, 3))
+
+
+# ---------------------------------------------------------------- StaticFlowHeadLoop (Python side)
+
+
+def feature_head(head: MixHead):
+    """A head reading two per-call tensors: ``head(y·a + b, s, r)``."""
+    def h(y, s, r, a, b):
+        return head(y * a + b, s, r)
+    return h
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_static_matches_reference(dtype, gen):
+    """Each call copies its inputs into the static buffers: the result is the reference inner flow
+    of the head with this call's inputs, and the loop is built once."""
+    shape = (3, 2, 1, 4, 5)
+    head = MixHead(5, dtype, "cpu", gen)
+    h = feature_head(head)
+    grid = make_grid(3)
+    flow = tmd_ext.StaticFlowHeadLoop(h, grid)
+    assert flow.num_steps == 3 and flow.loop is None and flow.num_head_calls == 0
+    for call in range(1, 4):
+        a, b, y1 = (randn(*shape, dtype=dtype, gen=gen) for _ in range(3))
+        a_before = a.clone()
+        got = flow(y1, (a, b))
+        with torch.no_grad():
+            want = reference.inner_flow(lambda y, s, r, a=a, b=b: h(y, s, r, a, b), y1, grid)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        assert got.dtype == dtype and not got.requires_grad
+        assert torch.equal(a, a_before) and flow.static[0].data_ptr() != a.data_ptr()
+        assert flow.num_head_calls == 3 * call
+    first_loop = flow.loop
+    flow(y1, (a, b))
+    assert flow.loop is first_loop
+
+
+def test_static_new_layout_or_key_builds_new_loop(gen):
+    """Another shape or dtype of y1 or of an input, or another key, builds fresh buffers and a new
+    loop; num_head_calls keeps counting across loops."""
+    head = MixHead(4, torch.float32, "cpu", gen)
+    grid = make_grid(2, torch.float64)
+
+    def h(y, s, r, a):
+        return head(y + a, s, r)
+
+    flow = tmd_ext.StaticFlowHeadLoop(h, grid)
+    calls = [((2, 4), (2, 4), "k"), ((2, 4), (2, 4), "k"), ((3, 4), (3, 4), "k"), ((3, 4), (1, 4), "k"),
+             ((3, 4), (1, 4), "other")]
+    loops = []
+    for y_shape, a_shape, key in calls:
+        y1, a = randn(*y_shape, gen=gen), randn(*a_shape, gen=gen)
+        got = flow(y1, [a], key=key)
+        with torch.no_grad():
+            torch.testing.assert_close(got, reference.inner_flow(lambda y, s, r, a=a: h(y, s, r, a), y1, grid),
+                                       **TOL[torch.float32])
+        loops.append(flow.loop)
+    assert loops[0] is loops[1] and len({id(x) for x in loops[1:]}) == 4
+    assert flow.num_head_calls == 2 * len(calls) and flow.loop.num_head_calls == 2
+    assert flow.loop.s_grid.dtype == torch.float64
+
+
+def test_static_without_inputs_and_grid_dtype(gen):
+    """A head of (y, s, r) only; a non-float grid is cast to float64 for the loop."""
+    shape = (2, 3, 4)
+    head, y1, _ = setup(shape, torch.float32, "cpu", gen)
+    grid = torch.tensor([0.0, 0.25, 1.0], dtype=torch.bfloat16)
+    flow = tmd_ext.StaticFlowHeadLoop(head, grid, use_graph=False)
+    got = flow(y1)
+    assert flow.loop.s_grid.dtype == torch.float64 and not flow.loop.uses_graph
+    with torch.no_grad():
+        torch.testing.assert_close(got, reference.inner_flow(head, y1, grid.double()), **TOL[torch.float32])
+
+
+def test_static_bad_args(gen):
+    with pytest.raises(TypeError, match="head must be callable"):
+        tmd_ext.StaticFlowHeadLoop(3, make_grid(2))
+    with pytest.raises(ValueError, match="s_grid must be a 1-D"):
+        tmd_ext.StaticFlowHeadLoop(lambda y, s, r: y, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="s_grid must be a 1-D"):
+        tmd_ext.StaticFlowHeadLoop(lambda y, s, r: y, [0.0, 1.0])
+    flow = tmd_ext.StaticFlowHeadLoop(lambda y, s, r, a: y + a, make_grid(2))
+    with pytest.raises(TypeError, match="y1 must be a torch.Tensor"):
+        flow([[1.0]], (torch.zeros(1, 1),))
+    with pytest.raises(TypeError, match=r"inputs\[1\] must be a torch.Tensor"):
+        flow(torch.zeros(1, 1), (torch.zeros(1, 1), 2.0))
+    assert flow.num_head_calls == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_static_graph_replays_new_inputs(dtype, gen):
+    """On CUDA the first call captures, later calls replay the graph with the new inputs copied in."""
+    shape = (2, 8, 1, 4, 8)
+    head = MixHead(8, dtype, "cuda", gen)
+    h = feature_head(head)
+    grid = make_grid(3, device="cuda")
+    flow = tmd_ext.StaticFlowHeadLoop(h, grid)
+    for call in range(1, 4):
+        a, b, y1 = (randn(*shape, dtype=dtype, device="cuda", gen=gen) for _ in range(3))
+        got = flow(y1, (a, b))
+        with torch.no_grad():
+            want = reference.inner_flow(lambda y, s, r, a=a, b=b: h(y, s, r, a, b), y1, grid)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        assert flow.loop.uses_graph and flow.loop.captured and flow.num_head_calls == 3 * call
+
+
+@pytest.mark.cuda
+def test_cuda_static_uncapturable_head_falls_back(gen):
+    """use_graph=None: a head that cannot be captured runs the eager C++ loop, with a warning;
+    use_graph=True: the capture error is raised."""
+    def head(y, s, r, a):
+        return y * float(s[0].item()) + a  # a host sync: cannot be captured
+
+    grid = make_grid(2, device="cuda")
+    y1, a = torch.randn(2, 3, device="cuda"), torch.randn(2, 3, device="cuda")
+    flow = tmd_ext.StaticFlowHeadLoop(head, grid)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = flow(y1, (a,))
+    assert any("CUDA graph" in str(w.message) for w in caught)
+    assert not flow.loop.uses_graph
+    torch.testing.assert_close(got, reference.inner_flow(lambda y, s, r: head(y, s, r, a), y1, grid))
+    with pytest.raises(RuntimeError, match="capturable"):
+        tmd_ext.StaticFlowHeadLoop(head, grid, use_graph=True)(y1, (a,))

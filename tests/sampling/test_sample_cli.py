@@ -4,10 +4,7 @@ in process against the samplers (same latents), prompt encoding against diffuser
 and user errors."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import imageio
@@ -19,7 +16,8 @@ from support.tiny import TINY_CONFIG, randomize_zero_init
 from support.wan_folder import FRAMES, HEIGHT, WIDTH, build_wan_folder
 
 from tmd_train import TMDStudent, effective_nfe, load_teacher, sample_teacher, sample_tmd
-from tmd_train.sample import PromptEncoder, main
+from tmd_train.sample import main
+from tmd_train.text.umt5 import PromptEncoder
 
 ROOT = Path(__file__).resolve().parents[2]
 VIDEO = ["--height", str(HEIGHT), "--width", str(WIDTH), "--frames", str(FRAMES)]
@@ -75,8 +73,8 @@ def test_cli_end_to_end_mp4(folders, kind, tmp_path):
     else:
         args = ["--model", str(student), "--components", str(wan), "--steps", "2", "--inner-steps", "2", "--loop"]
         nfe = effective_nfe(2, 2, H, TINY_CONFIG["num_layers"])
-    proc = run_module("tmd_train.sample", [*args, "--prompt", "a red ball bounces", *VIDEO, "--seed", "3", "--out", str(out),
-                    "--device", "cpu"], tmp_path)
+    proc = run_module("tmd_train.sample", [*args, "--prompt", "a red ball bounces", *VIDEO, "--seed", "3",
+                                           "--out", str(out), "--device", "cpu"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"NFE {nfe:.3f}" in proc.stdout and " s -> " in proc.stdout
     frames = read_video(out)

@@ -69,7 +69,7 @@ def test_shift_and_grid():
 
 # ------------------------------------------------------------------ sign check
 def test_flow_step_constant_velocity_one_step_exact(gen):
-    """DESIGN.md §1: on the straight conditional path y_s = (1-s)·y + s·y1 the velocity y1 - y is
+    """docs/design.md §1: on the straight conditional path y_s = (1-s)·y + s·y1 the velocity y1 - y is
     constant; with head = y (so u = y1 - y) one step from s = 1 to r = 0 returns y exactly, and a
     step between any s > r lands on the path. The printed sign (+) would give 2·y1 - y."""
     y, y1 = (torch.randn(3, 4, 5, generator=gen) for _ in range(2))
@@ -153,7 +153,7 @@ def test_tmd_sampler_is_algorithm_1(teacher, text):
     student = TMDStudent.from_teacher(teacher, head_blocks=3)
     randomize_zero_init(student, seeded(2))
     M, N = 2, 3
-    res = student.sample(text, shape=SHAPE, generator=seeded(4), M=M, N=N, outer_shift=5.0, inner_shift=3.0)
+    res = sample_tmd(student, text, shape=SHAPE, generator=seeded(4), M=M, N=N, outer_shift=5.0, inner_shift=3.0)
     assert res.nfe == pytest.approx(effective_nfe(M, N, 3, 4))
     g = seeded(4)
     x = torch.randn(SHAPE, generator=g)

@@ -11,8 +11,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 
-from tmd_train import demo
-from tmd_train.toy import toy_teacher_available
+from tmd_train.toy import demo, toy_teacher_available
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not toy_teacher_available(), reason="the toy teacher is not shipped in this checkout")
@@ -24,7 +23,7 @@ KEYS = ["teacher", "teacher_fewstep", "tmd_stage1_M1", "tmd_stage1_M2", "dmd2v_M
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     env = dict(os.environ, DEMO_FAST="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "tmd_train.demo", "--out", str(out), "--threads", "2"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "tmd_train.toy.demo", "--out", str(out), "--threads", "2"], env=env,
                           capture_output=True, text=True, timeout=1200, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

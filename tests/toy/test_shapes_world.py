@@ -4,29 +4,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tmd_train.data import shapes
 from tmd_train.data.format import LatentDataset, load_negative
-from tmd_train.data.shapes import ObjectSpec, WorldConfig
-from tmd_train.text import toy_encoder
+from tmd_train.toy import clips as world
+from tmd_train.toy import text_encoder
+from tmd_train.toy.clips import ObjectSpec, WorldConfig
 
 
 def test_clip_contract_and_determinism():
     cfg = WorldConfig(p_two=0.5)
-    videos, prompts, labels = shapes.make_batch(12, seed=3, config=cfg)
+    videos, prompts, labels = world.make_batch(12, seed=3, config=cfg)
     assert videos.shape == (12, 3, 8, 32, 32) and videos.dtype == torch.float32
     assert videos.min() >= -1 and videos.max() <= 1
     assert labels.shape == (12, 3) and labels.dtype == torch.long
-    again, prompts2, _ = shapes.make_batch(12, seed=3, config=cfg)
+    again, prompts2, _ = world.make_batch(12, seed=3, config=cfg)
     assert torch.equal(videos, again) and prompts == prompts2
     # prefix property and start offset
-    tail, tail_prompts, _ = shapes.make_batch(4, seed=3, config=cfg, start=8)
+    tail, tail_prompts, _ = world.make_batch(4, seed=3, config=cfg, start=8)
     assert torch.equal(tail, videos[8:]) and tail_prompts == prompts[8:]
-    other, _, _ = shapes.make_batch(12, seed=4, config=cfg)
+    other, _, _ = world.make_batch(12, seed=4, config=cfg)
     assert not torch.equal(other, videos)
-    assert shapes.sample_prompts(12, seed=3, config=cfg) == prompts
-    assert shapes.sample_prompts(4, seed=3, config=cfg, start=8) == prompts[8:]
+    assert world.sample_prompts(12, seed=3, config=cfg) == prompts
+    assert world.sample_prompts(4, seed=3, config=cfg, start=8) == prompts[8:]
     for p, lab in zip(prompts, labels, strict=True):
-        first = shapes.parse_prompt(p)[0]
+        first = world.parse_prompt(p)[0]
         assert list(first.labels) == lab.tolist()
 
 
@@ -34,16 +34,16 @@ def test_prompt_round_trip_and_two_objects():
     cfg = WorldConfig(p_two=0.5)
     n_two = 0
     for i in range(40):
-        clip = shapes.make_clip(7, i, cfg)
-        assert shapes.parse_prompt(clip.prompt) == clip.objects
-        assert shapes.prompt_of(clip.objects) == clip.prompt
+        clip = world.make_clip(7, i, cfg)
+        assert world.parse_prompt(clip.prompt) == clip.objects
+        assert world.prompt_of(clip.objects) == clip.prompt
         if len(clip.objects) == 2:
             n_two += 1
             assert clip.objects[0].colour != clip.objects[1].colour
             assert " and a " in clip.prompt
     assert 8 < n_two < 32
-    assert all(len(shapes.make_clip(7, i).objects) == 1 for i in range(20))
-    assert shapes.make_clip(0, 0).prompt.split()[0] == "a"
+    assert all(len(world.make_clip(7, i).objects) == 1 for i in range(20))
+    assert world.make_clip(0, 0).prompt.split()[0] == "a"
 
 
 @pytest.mark.parametrize("bad", ["a red circle moving", "a red circle moves left", "a red blob moving left",
@@ -51,33 +51,33 @@ def test_prompt_round_trip_and_two_objects():
                                  "a red circle moving left and"])
 def test_parse_errors(bad):
     with pytest.raises(ValueError):
-        shapes.parse_prompt(bad)
+        world.parse_prompt(bad)
 
 
 def _object_mask(video: torch.Tensor, colour: str) -> torch.Tensor:
     """Pixels [F, H, W] close to ``colour`` (the background is dark, objects saturated)."""
-    rgb = torch.tensor(shapes.COLOUR_RGB[colour])[:, None, None, None] * 2 - 1
+    rgb = torch.tensor(world.COLOUR_RGB[colour])[:, None, None, None] * 2 - 1
     return (video - rgb).abs().amax(0) < 0.15
 
 
-@pytest.mark.parametrize("direction", shapes.DIRECTIONS)
+@pytest.mark.parametrize("direction", world.DIRECTIONS)
 def test_motion_is_smooth_and_visible(direction):
     """The object's coverage-weighted centroid moves in the named direction at a constant speed, and the
     object is fully inside the frame in every frame."""
     cfg = WorldConfig()
     coords = torch.arange(cfg.size, dtype=torch.float64) + 0.5
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
-    for shape in shapes.SHAPES:
+    for shape in world.SHAPES:
         obj = ObjectSpec(shape, "yellow", direction)
         for i in range(4):
-            alpha = shapes._object_layer(obj, shapes.clip_generator(11, i), cfg, xs[None], ys[None])
+            alpha = world._object_layer(obj, world.clip_generator(11, i), cfg, xs[None], ys[None])
             area = alpha.sum((1, 2))
             # anti-aliased sampling makes the pixel area vary slightly with sub-pixel position
             assert (area - area[0]).abs().max() < 0.025 * area[0], "nothing is cut off at the border"
             edge = torch.cat([alpha[:, 0], alpha[:, -1], alpha[:, :, 0], alpha[:, :, -1]], dim=1)
             assert edge.max() == 0, "the object never touches the border"
             cx, cy = (alpha * xs).sum((1, 2)) / area, (alpha * ys).sum((1, 2)) / area
-            dx, dy = shapes.DIRECTION_XY[direction]
+            dx, dy = world.DIRECTION_XY[direction]
             along, across = cx * dx + cy * dy, (cy if dx else cx)
             step = along[1:] - along[:-1]
             assert 1.15 <= step.min() and step.max() <= 2.1, "moves the named way at 1.25..2 px/frame"
@@ -89,8 +89,8 @@ def test_shapes_differ_in_geometry():
     """Square fills its bounding box, the circle ~pi/4 of it, the triangle about half."""
     cfg = WorldConfig()
     fill = {}
-    for shape in shapes.SHAPES:
-        video = shapes.render([ObjectSpec(shape, "red", "right")], shapes.clip_generator(5, 0), cfg)
+    for shape in world.SHAPES:
+        video = world.render([ObjectSpec(shape, "red", "right")], world.clip_generator(5, 0), cfg)
         mask = _object_mask(video, "red")[0]
         rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
         box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
@@ -108,20 +108,20 @@ def test_first_object_is_painted_on_top():
     first, second = ObjectSpec("square", "yellow", "left"), ObjectSpec("square", "blue", "right")
     overlaps = 0
     for i in range(30):
-        g = shapes.clip_generator(21, i)
-        a = shapes._object_layer(first, g, cfg, xs[None], ys[None])
-        b = shapes._object_layer(second, g, cfg, xs[None], ys[None])
+        g = world.clip_generator(21, i)
+        a = world._object_layer(first, g, cfg, xs[None], ys[None])
+        b = world._object_layer(second, g, cfg, xs[None], ys[None])
         both = (a == 1) & (b == 1)
         if not both.any():
             continue
         overlaps += 1
-        video = shapes.render([first, second], shapes.clip_generator(21, i), cfg)
+        video = world.render([first, second], world.clip_generator(21, i), cfg)
         assert _object_mask(video, "yellow")[both].all() and not _object_mask(video, "blue")[both].any()
     assert overlaps >= 3
 
 
 def test_background_is_dark_and_static():
-    video = shapes.render([ObjectSpec("circle", "blue", "up")], shapes.clip_generator(1, 2))
+    video = world.render([ObjectSpec("circle", "blue", "up")], world.clip_generator(1, 2))
     mask = _object_mask(video, "blue").any(0).float()
     near = torch.nn.functional.max_pool2d(mask[None, None], 5, stride=1, padding=2)[0, 0] > 0
     assert 0.05 < near.float().mean() < 0.6
@@ -139,31 +139,31 @@ def test_config_validation():
     with pytest.raises(ValueError, match="colour"):
         ObjectSpec("circle", "purple", "left")
     with pytest.raises(ValueError, match=">= 0"):
-        shapes.clip_generator(-1, 0)
+        world.clip_generator(-1, 0)
 
 
 def test_render_prompts_matches_attributes():
     prompts = ["a green square moving down", "a red triangle moving left and a blue circle moving up"]
-    videos = shapes.render_prompts(prompts, seed=9)
+    videos = world.render_prompts(prompts, seed=9)
     assert videos.shape == (2, 3, 8, 32, 32)
     assert _object_mask(videos[0], "green").sum() > 100
     assert _object_mask(videos[1], "red").sum() > 50 and _object_mask(videos[1], "blue").sum() > 50
-    assert torch.equal(videos, shapes.render_prompts(prompts, seed=9))
+    assert torch.equal(videos, world.render_prompts(prompts, seed=9))
 
 
 def test_cli_writes_a_dataset(tmp_path):
     out = tmp_path / "toy"
-    shapes.main(["--out", str(out), "--n", "10", "--seed", "5", "--p-two", "0.3", "--shard-size", "4"])
+    world.main(["--out", str(out), "--n", "10", "--seed", "5", "--p-two", "0.3", "--shard-size", "4"])
     ds = LatentDataset(out)
     assert len(ds) == 10 and ds.metadata["seed"] == 5 and ds.metadata["world"]["p_two"] == 0.3
     assert ds.shapes["latents"] == (3, 8, 32, 32)
-    assert ds.shapes["text_emb"] == (toy_encoder.L_TEXT, toy_encoder.TEXT_DIM)
-    videos, prompts, _ = shapes.make_batch(10, 5, WorldConfig(p_two=0.3))
+    assert ds.shapes["text_emb"] == (text_encoder.L_TEXT, text_encoder.TEXT_DIM)
+    videos, prompts, _ = world.make_batch(10, 5, WorldConfig(p_two=0.3))
     assert ds.prompts == prompts
     item = ds[6]
     assert item["latents"].dtype == torch.bfloat16
     torch.testing.assert_close(item["latents"].float(), videos[6], atol=8e-3, rtol=0)
-    emb, mask = toy_encoder.encode(prompts[6])
+    emb, mask = text_encoder.encode(prompts[6])
     torch.testing.assert_close(item["text_emb"].float(), emb, atol=2e-2, rtol=1e-2)
     assert torch.equal(item["text_mask"], mask)
     neg_emb, neg_mask = load_negative(out)

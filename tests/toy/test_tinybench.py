@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from tmd_train import eval as tb
-from tmd_train import evaluator as ev
-from tmd_train.data import shapes
-from tmd_train.data.shapes import WorldConfig
+from tmd_train.toy import clips as world
+from tmd_train.toy import evaluator as ev
+from tmd_train.toy import tinybench as tb
+from tmd_train.toy.clips import WorldConfig
 
 N_REF = 192
 
@@ -26,7 +26,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def real():
     """Held-out real clips (a seed used neither for training nor validation nor the reference)."""
-    clips, prompts, labels = shapes.make_batch(128, seed=4242)
+    clips, prompts, labels = world.make_batch(128, seed=4242)
     return clips, prompts, labels
 
 
@@ -37,7 +37,7 @@ def test_shipped_evaluator(real):
     assert model.record["val_accuracy"]["mean"] >= 0.95
     clips, _, labels = real
     acc = ev.accuracy(model, clips, labels)
-    assert min(acc[a] for a in shapes.ATTRIBUTE_NAMES) >= 0.95, acc
+    assert min(acc[a] for a in world.ATTRIBUTE_NAMES) >= 0.95, acc
     logits, feats = model(clips[:4])
     assert [lg.shape for lg in logits] == [(4, 3), (4, 4), (4, 4)]
     assert feats.shape == (4, model.config.feature_dim)
@@ -55,7 +55,7 @@ def test_evaluator_training_smoke(tmp_path):
     ev.save_evaluator(model, path, record)
     loaded = ev.load_evaluator(path)
     assert loaded.record == record
-    x = shapes.make_batch(3, seed=1)[0]
+    x = world.make_batch(3, seed=1)[0]
     torch.testing.assert_close(loaded(x)[1], model(x)[1], atol=0, rtol=0)
     with pytest.raises(FileNotFoundError, match="--train"):
         ev.load_evaluator(tmp_path / "missing.safetensors")
@@ -104,11 +104,11 @@ def test_static_and_blurred_clips(real):
 
 
 def test_two_object_prompts_count_either_object():
-    clips, prompts, _ = shapes.make_batch(64, seed=515, config=WorldConfig(p_two=1.0))
-    pred = torch.stack([torch.tensor(shapes.parse_prompt(p)[1].labels) for p in prompts])
+    clips, prompts, _ = world.make_batch(64, seed=515, config=WorldConfig(p_two=1.0))
+    pred = torch.stack([torch.tensor(world.parse_prompt(p)[1].labels) for p in prompts])
     assert tb.semantic_accuracy(pred, prompts)["mean"] == 1.0
     wrong = (pred + 1) % torch.tensor([3, 4, 4])
-    first = torch.stack([torch.tensor(shapes.parse_prompt(p)[0].labels) for p in prompts])
+    first = torch.stack([torch.tensor(world.parse_prompt(p)[0].labels) for p in prompts])
     expected = ((wrong == first) | (wrong == pred)).float().mean().item()
     assert tb.semantic_accuracy(wrong, prompts)["mean"] == pytest.approx(expected)
 
@@ -163,9 +163,9 @@ def test_cli_clips_folder_and_sampler(tmp_path, real):
     scores = tb.main(["--clips", str(tmp_path / "gen"), "--n-ref", n_ref, "--json", str(out)])
     assert json.loads(out.read_text()) == scores
     assert scores == tb.tinybench(clips[:n], prompts[:n], n_ref=int(n_ref))
-    sampled = tb.main(["--sampler", "tmd_train.eval:world_sampler", "--n", "32", "--n-ref", n_ref])
+    sampled = tb.main(["--sampler", "tmd_train.toy.tinybench:world_sampler", "--n", "32", "--n-ref", n_ref])
     assert sampled["n"] == 32 and sampled["semantic_accuracy"] >= 0.9
-    shapes.main(["--out", str(tmp_path / "ds"), "--n", "24", "--seed", "8"])
+    world.main(["--out", str(tmp_path / "ds"), "--n", "24", "--seed", "8"])
     from_ds = tb.main(["--dataset", str(tmp_path / "ds"), "--n-ref", n_ref])
     assert from_ds["n"] == 24 and from_ds["semantic_accuracy"] >= 0.9
     with pytest.raises(FileNotFoundError, match="clips.safetensors"):

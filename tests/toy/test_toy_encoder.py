@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from tmd_train.data import shapes
-from tmd_train.text import toy_encoder as te
+from tmd_train.toy import clips as world
+from tmd_train.toy import text_encoder as te
 
 
 def test_shapes_and_mask():
@@ -75,7 +75,7 @@ def test_not_a_string():
 
 
 def test_vocabulary_covers_the_world():
-    words = {"a", "moving", "and", *shapes.SHAPES, *shapes.COLOURS, *shapes.DIRECTIONS}
+    words = {"a", "moving", "and", *world.SHAPES, *world.COLOURS, *world.DIRECTIONS}
     assert words == set(te.VOCAB[1:])
     longest = "a yellow triangle moving right and a yellow triangle moving right"
     assert len(te.tokenize(longest)) <= te.L_TEXT

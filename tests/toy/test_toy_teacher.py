@@ -1,4 +1,4 @@
-"""The toy world's teacher: the trainer (`python -m tmd_train.teacher`) and the shipped weights."""
+"""The toy world's teacher: the trainer (`python -m tmd_train.toy.train_teacher`) and the shipped weights."""
 from __future__ import annotations
 
 import json
@@ -7,18 +7,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tmd_train import teacher as T
-from tmd_train.eval import tinybench
 from tmd_train.models.teacher import load_teacher
 from tmd_train.sampling import sample_teacher
-from tmd_train.text import toy_encoder
 from tmd_train.toy import (
     TOY_CLIP_SHAPE,
     TOY_TEACHER_CONFIG,
     TOY_TEACHER_DIR,
     require_toy_teacher,
+    text_encoder,
     toy_teacher_available,
 )
+from tmd_train.toy import train_teacher as T
+from tmd_train.toy.tinybench import tinybench
 
 
 def _weights(folder):
@@ -66,7 +66,7 @@ def test_training_batch_is_deterministic_and_drops_prompts():
     x1, t1 = T.training_batch(5, 64, 0.5, torch.Generator().manual_seed(1))
     x2, t2 = T.training_batch(5, 64, 0.5, torch.Generator().manual_seed(1))
     assert torch.equal(x1, x2) and torch.equal(t1, t2)
-    assert x1.shape == (64, *TOY_CLIP_SHAPE) and t1.shape == (64, toy_encoder.L_TEXT, toy_encoder.TEXT_DIM)
+    assert x1.shape == (64, *TOY_CLIP_SHAPE) and t1.shape == (64, text_encoder.L_TEXT, text_encoder.TEXT_DIM)
     empty = (t1.abs().sum((1, 2)) == 0).sum().item()
     assert 16 <= empty <= 48  # ~half of the prompts are the empty (unconditional) one
 
@@ -95,8 +95,8 @@ def test_shipped_teacher_follows_prompts():
     teacher = load_teacher(require_toy_teacher()).eval()
     prompts = ["a red circle moving left", "a blue square moving up", "a green triangle moving right",
                "a yellow circle moving down", "a blue triangle moving left", "a red square moving down"]
-    text, _ = toy_encoder.encode(prompts)
-    neg = toy_encoder.encode_negative()[0].unsqueeze(0)
+    text, _ = text_encoder.encode(prompts)
+    neg = text_encoder.encode_negative()[0].unsqueeze(0)
     out = sample_teacher(teacher, text, negative_text=neg, shape=(len(prompts), *TOY_CLIP_SHAPE),
                          generator=torch.Generator().manual_seed(0), steps=16, cfg=5.0)
     assert out.nfe == 32

@@ -1,4 +1,4 @@
-"""`adaln_modulate`: the AdaLN modulation of the head's blocks and the fusion FFN (DESIGN.md §3),
+"""`adaln_modulate`: the AdaLN modulation of the head's blocks and the fusion FFN (docs/design.md §3),
 ``LayerNorm_noaffine(x)·(1 + scale) + shift`` with per-sample ``shift, scale``."""
 from __future__ import annotations
 
@@ -6,21 +6,21 @@ import math
 
 import torch
 
-from .. import _checks
+from . import checks
 
 
 def _check(x, shift, scale, eps) -> None:
-    _checks.tensor(x, "x")
-    _checks.tensor(shift, "shift")
-    _checks.tensor(scale, "scale")
-    _checks.same_dtype(shift, "shift", x, "x")
-    _checks.same_dtype(scale, "scale", x, "x")
-    _checks.same_device(shift, "shift", x, "x")
-    _checks.same_device(scale, "scale", x, "x")
-    _checks.dim(x, 3, "x", "[B, T, D]")
-    _checks.nonempty(x, "x")
-    _checks.shape(shift, (x.shape[0], x.shape[2]), "shift")
-    _checks.shape(scale, (x.shape[0], x.shape[2]), "scale")
+    checks.tensor(x, "x")
+    checks.tensor(shift, "shift")
+    checks.tensor(scale, "scale")
+    checks.same_dtype(shift, "shift", x, "x")
+    checks.same_dtype(scale, "scale", x, "x")
+    checks.same_device(shift, "shift", x, "x")
+    checks.same_device(scale, "scale", x, "x")
+    checks.dim(x, 3, "x", "[B, T, D]")
+    checks.nonempty(x, "x")
+    checks.shape(shift, (x.shape[0], x.shape[2]), "shift")
+    checks.shape(scale, (x.shape[0], x.shape[2]), "scale")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not math.isfinite(eps) or eps < 0:

@@ -1,29 +1,29 @@
-"""`flow_step`: one inner-flow step ``y_r = y_s - (s-r)·(y1 - head_out)`` (DESIGN.md §1, the sign
+"""`flow_step`: one inner-flow step ``y_r = y_s - (s-r)·(y1 - head_out)`` (docs/design.md §1, the sign
 fixed: for a constant velocity field the step is exact)."""
 from __future__ import annotations
 
 import torch
 
-from .. import _checks
+from . import checks
 
 
 def _check(y, head_out, y1, s, r) -> None:
-    _checks.tensor(y, "y")
-    _checks.tensor(head_out, "head_out")
-    _checks.tensor(y1, "y1")
-    _checks.tensor(s, "s", _checks.TIME_DTYPES)
-    _checks.tensor(r, "r", _checks.TIME_DTYPES)
-    _checks.same_dtype(head_out, "head_out", y, "y")
-    _checks.same_dtype(y1, "y1", y, "y")
+    checks.tensor(y, "y")
+    checks.tensor(head_out, "head_out")
+    checks.tensor(y1, "y1")
+    checks.tensor(s, "s", checks.TIME_DTYPES)
+    checks.tensor(r, "r", checks.TIME_DTYPES)
+    checks.same_dtype(head_out, "head_out", y, "y")
+    checks.same_dtype(y1, "y1", y, "y")
     for t, n in ((head_out, "head_out"), (y1, "y1"), (s, "s"), (r, "r")):
-        _checks.same_device(t, n, y, "y")
+        checks.same_device(t, n, y, "y")
     if y.dim() < 1:
         raise ValueError("y must be [B, ...] with at least 1 dimension, got a 0-d tensor")
-    _checks.nonempty(y, "y")
-    _checks.shape(head_out, y.shape, "head_out")
-    _checks.shape(y1, y.shape, "y1")
-    _checks.shape(s, (y.shape[0],), "s")
-    _checks.shape(r, (y.shape[0],), "r")
+    checks.nonempty(y, "y")
+    checks.shape(head_out, y.shape, "head_out")
+    checks.shape(y1, y.shape, "y1")
+    checks.shape(s, (y.shape[0],), "s")
+    checks.shape(r, (y.shape[0],), "r")
 
 
 def flow_step(y: torch.Tensor, head_out: torch.Tensor, y1: torch.Tensor, s: torch.Tensor,

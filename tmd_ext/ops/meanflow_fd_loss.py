@@ -1,4 +1,4 @@
-"""`meanflow_fd_loss`: the TM-MeanFlow loss with the finite-difference target (DESIGN.md §2, stage 1).
+"""`meanflow_fd_loss`: the TM-MeanFlow loss with the finite-difference target (docs/design.md §2, stage 1).
 
 Per sample ``b`` with ``d`` elements::
 
@@ -13,28 +13,28 @@ import math
 
 import torch
 
-from .. import _checks
+from . import checks
 
 
 def _check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c) -> None:
-    _checks.tensor(u, "u")
-    _checks.tensor(u_plus, "u_plus")
-    _checks.tensor(u_minus, "u_minus")
-    _checks.tensor(v, "v")
+    checks.tensor(u, "u")
+    checks.tensor(u_plus, "u_plus")
+    checks.tensor(u_minus, "u_minus")
+    checks.tensor(v, "v")
     for t, n in ((s, "s"), (r, "r"), (s_plus, "s_plus"), (s_minus, "s_minus")):
-        _checks.tensor(t, n, _checks.TIME_DTYPES)
+        checks.tensor(t, n, checks.TIME_DTYPES)
     for t, n in ((u_plus, "u_plus"), (u_minus, "u_minus"), (v, "v")):
-        _checks.same_dtype(t, n, u, "u")
+        checks.same_dtype(t, n, u, "u")
     for t, n in ((u_plus, "u_plus"), (u_minus, "u_minus"), (v, "v"), (s, "s"), (r, "r"),
                  (s_plus, "s_plus"), (s_minus, "s_minus")):
-        _checks.same_device(t, n, u, "u")
+        checks.same_device(t, n, u, "u")
     if u.dim() < 1:
         raise ValueError("u must be [B, ...] with at least 1 dimension, got a 0-d tensor")
-    _checks.nonempty(u, "u")
+    checks.nonempty(u, "u")
     for t, n in ((u_plus, "u_plus"), (u_minus, "u_minus"), (v, "v")):
-        _checks.shape(t, u.shape, n)
+        checks.shape(t, u.shape, n)
     for t, n in ((s, "s"), (r, "r"), (s_plus, "s_plus"), (s_minus, "s_minus")):
-        _checks.shape(t, (u.shape[0],), n)
+        checks.shape(t, (u.shape[0],), n)
     if isinstance(c, bool) or not isinstance(c, (int, float)):
         raise TypeError(f"c must be a Python float, got {type(c).__name__}")
     if not 0 < c < math.inf:  # comparisons only (NaN fails both), so a symbolic c traces too

@@ -1,1 +1,1 @@
-"""Datasets on disk (`format`) and the procedural moving-shapes video world (`shapes`)."""
+"""Datasets on disk (`format`) and the data sources the trainers read (`sources`)."""

@@ -86,13 +86,13 @@ class SyntheticSource:
 
 
 class ShapesSource:
-    """The moving-shapes world (:mod:`tmd_train.data.shapes`) as a source: item ``i`` is clip ``i``
+    """The moving-shapes world (:mod:`tmd_train.toy.clips`) as a source: item ``i`` is clip ``i``
     of world seed ``seed`` (pixel space, ``[3, 8, 32, 32]`` in [-1, 1]) with its prompt encoded by the
     toy text encoder; rendered on the fly (about 1 ms a clip), deterministic in ``(seed, i)``.
     The negative is the empty prompt."""
 
     def __init__(self, num_samples: int, seed: int = 0, p_two: float = 0.0) -> None:
-        from .shapes import WorldConfig
+        from ..toy.clips import WorldConfig
         if num_samples < 1:
             raise ValueError(f"ShapesSource: num_samples must be >= 1, got {num_samples}")
         self.num_samples = num_samples
@@ -103,18 +103,18 @@ class ShapesSource:
         return self.num_samples
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from ..text import toy_encoder
-        from .shapes import make_clip
+        from ..toy import text_encoder
+        from ..toy.clips import make_clip
         i = int(i)
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         clip = make_clip(self.seed, i, self.world)
-        emb, mask = toy_encoder.encode([clip.prompt])
+        emb, mask = text_encoder.encode([clip.prompt])
         return {"latents": clip.video, "text_emb": emb[0], "text_mask": mask[0], "prompt": clip.prompt, "index": i}
 
     def negative(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..text import toy_encoder
-        return toy_encoder.encode_negative()
+        from ..toy import text_encoder
+        return text_encoder.encode_negative()
 
 
 def open_source(data: str, *, teacher_config: Mapping[str, Any] | None = None, synthetic_samples: int = 64,

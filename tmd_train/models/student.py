@@ -1,5 +1,5 @@
 """The TMD student: a Wan transformer split into a backbone and a recurrent flow head
-(DESIGN.md §1–§2; paper §3, App. A.1).
+(docs/design.md §1–§2; paper §3, App. A.1).
 
 * ``backbone(x_t, t, text)``: patch embedding + rope + condition embedder + ``blocks[:L-H]``, run
   once per outer step -> :class:`Features`.
@@ -19,7 +19,6 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import init_empty_weights
@@ -33,9 +32,6 @@ import tmd_ext
 from .fusion import ConcatFusion, GatedFusion
 from .teacher import wan_timestep
 from .time_embed import SmoothTimeEmbedding
-
-if TYPE_CHECKING:
-    from ..sampling import Sample
 
 FUSIONS = ("gated", "concat")
 HEAD_TIMES = ("outer", "inner")
@@ -58,7 +54,7 @@ class StudentConfig:
         time_num_freqs, time_min_freq, time_max_freq: sinusoids of the low-frequency embeddings
             of ``s``, ``s-r`` and of the fusion's ``temb_f(s)`` (rad per unit of time). The FD
             derivative of stage 1 has relative error ≈ (time_max_freq·δ)²/6: the default 4 rad/unit
-            gives ≈ 7e-5 at δ = 5e-3 (the issue's < 1e-4 bar); 10 (DESIGN.md's ceiling) gives ≈ 4e-4.
+            gives ≈ 7e-5 at δ = 5e-3 (under the 1e-4 target); 10 (docs/design.md's ceiling) gives ≈ 4e-4.
         fusion_hidden_dim: width of the gated fusion MLP (default: the hidden size D).
         concat_init_std: std of the ``e`` half of the concat Linear at init.
     """
@@ -355,7 +351,7 @@ class TMDStudent(nn.Module):
     def velocity(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, feats: Features,
                  y1: torch.Tensor) -> torch.Tensor:
         """The mean inner velocity ``u = y1 - head(y_s, s, r; m)`` ``[B, C, F, H, W]`` (dtype of
-        ``y1``), so that ``y_r = y_s - (s-r)·u`` (DESIGN.md §1, Eq. 14 with the sign fixed)."""
+        ``y1``), so that ``y_r = y_s - (s-r)·u`` (docs/design.md §1, Eq. 14 with the sign fixed)."""
         return y1 - self.head(y_s, s, r, feats).to(y1.dtype)
 
     def _inner_step(self, y: torch.Tensor, s: torch.Tensor, r: torch.Tensor, feats: Features,
@@ -398,9 +394,3 @@ class TMDStudent(nn.Module):
                 else:
                     y = self._inner_step(y, s, r, feats, y1)
         return y
-
-    def sample(self, text: torch.Tensor, **kwargs) -> Sample:
-        """Algorithm 1 (few-step TMD sampling); see :func:`tmd_train.sampling.sample_tmd` for the
-        keyword arguments. Returns ``Sample(x0 [B, C, F, H, W], nfe)``."""
-        from ..sampling import sample_tmd
-        return sample_tmd(self, text, **kwargs)

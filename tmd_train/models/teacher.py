@@ -36,7 +36,7 @@ def _model_folder(path: Path) -> tuple[Path, str | None]:
         f"(a Wan2.1 diffusers model folder) or {path / 'config.json'} (its transformer/ folder)")
 
 
-def _cast_keeping_fp32(model: WanTransformer3DModel, dtype: torch.dtype) -> None:
+def cast_keeping_fp32(model: WanTransformer3DModel, dtype: torch.dtype) -> None:
     """Cast the parameters to ``dtype`` except those of the modules Wan keeps in float32
     (``_keep_in_fp32_modules``), as ``from_pretrained(torch_dtype=...)`` does."""
     keep = set(model._keep_in_fp32_modules or ())
@@ -66,7 +66,7 @@ def load_teacher(path_or_config: str | Path | Mapping, *, torch_dtype: torch.dty
     if isinstance(path_or_config, Mapping):
         model = WanTransformer3DModel.from_config(dict(path_or_config))
         if torch_dtype is not None:
-            _cast_keeping_fp32(model, torch_dtype)
+            cast_keeping_fp32(model, torch_dtype)
     elif isinstance(path_or_config, (str, Path)):
         folder, sub = _model_folder(Path(path_or_config))
         model = WanTransformer3DModel.from_pretrained(folder, subfolder=sub, local_files_only=True,

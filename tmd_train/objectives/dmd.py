@@ -1,5 +1,5 @@
 """Stage 2: DMD2-v with flow-head roll-out — the generator sample, the DMD (VSD) loss and the
-fake-score loss (DESIGN.md §1 "Stage 2"; PAPER_NOTES §1.5, §5). The GAN part lives in
+fake-score loss (docs/design.md §1 "Stage 2"; arXiv:2601.09881). The GAN part lives in
 :mod:`tmd_train.models.discriminator`.
 
 Per sample (``x`` clean data, ``x1`` outer noise, ``t`` a student-grid time)::
@@ -18,7 +18,7 @@ over every element of the batch — so ``dL/dx̂ = grad / x̂.numel()``.
 The fake score (a trainable copy of the teacher, a ``WanTransformer3DModel``) is trained with
 the flow-matching loss on ``sg(x̂)``: ``x_τ = (1-τ)·x̂ + τ·ε``, target ``ε - x̂``, MSE (mean) of
 its velocity; ``τ`` from the same shifted distribution as the DMD time by default
-(``fake_time="shifted"``), uniform in ``[t_min, t_max]`` with ``fake_time="uniform"``.
+(``fake_time="shifted"``), uniform in ``[tau_min, tau_max]`` with ``fake_time="uniform"``.
 
 :func:`gan_inputs` noises data and x̂ at one τ (drawn like the DMD time) with one ε for the GAN.
 
@@ -45,24 +45,24 @@ class DMDConfig:
     """Options of the DMD and fake-score losses (defaults: the paper's recipe).
 
     Attributes:
-        t_shift: shift γ of the DMD noise time ``τ`` (5).
-        t_min, t_max: clip range of ``τ`` ([0.001, 0.999]).
+        tau_shift: shift γ of the DMD noise time ``τ`` (5).
+        tau_min, tau_max: clip range of ``τ`` ([0.001, 0.999]).
         cfg_scale: CFG scale of the teacher in ``x0_real`` (5; 1 disables CFG).
-        fake_time: ``"shifted"`` (τ as in the DMD loss) or ``"uniform"`` (U[t_min, t_max]) for
+        fake_time: ``"shifted"`` (τ as in the DMD loss) or ``"uniform"`` (U[tau_min, tau_max]) for
             the fake-score loss.
     """
 
-    t_shift: float = 5.0
-    t_min: float = 0.001
-    t_max: float = 0.999
+    tau_shift: float = 5.0
+    tau_min: float = 0.001
+    tau_max: float = 0.999
     cfg_scale: float = 5.0
     fake_time: str = "shifted"
 
     def __post_init__(self) -> None:
-        if not self.t_shift > 0:
-            raise ValueError(f"t_shift must be > 0, got {self.t_shift!r}")
-        if not 0 <= self.t_min < self.t_max <= 1:
-            raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        if not self.tau_shift > 0:
+            raise ValueError(f"tau_shift must be > 0, got {self.tau_shift!r}")
+        if not 0 <= self.tau_min < self.tau_max <= 1:
+            raise ValueError(f"tau_min must be in [0, tau_max) and tau_max <= 1, got {self.tau_min}, {self.tau_max}")
         if not self.cfg_scale > 0:
             raise ValueError(f"cfg_scale must be > 0, got {self.cfg_scale!r}")
         if self.fake_time not in FAKE_TIMES:
@@ -71,12 +71,12 @@ class DMDConfig:
 
 def sample_dmd_time(batch: int, cfg: DMDConfig, generator: torch.Generator, device: torch.device,
                     shifted: bool = True) -> torch.Tensor:
-    """``[B]`` float64 ``τ = clip(shift(U, t_shift), t_min, t_max)`` (``shifted=False``:
-    ``t_min + (t_max - t_min)·U``)."""
+    """``[B]`` float64 ``τ = clip(shift(U, tau_shift), tau_min, tau_max)`` (``shifted=False``:
+    ``tau_min + (tau_max - tau_min)·U``)."""
     u = uniform(batch, generator, device)
     if shifted:
-        return shift_time(u, cfg.t_shift).clamp(cfg.t_min, cfg.t_max)
-    return cfg.t_min + (cfg.t_max - cfg.t_min) * u
+        return shift_time(u, cfg.tau_shift).clamp(cfg.tau_min, cfg.tau_max)
+    return cfg.tau_min + (cfg.tau_max - cfg.tau_min) * u
 
 
 def _noised(x: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

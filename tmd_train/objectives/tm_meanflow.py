@@ -1,4 +1,4 @@
-"""Stage 1: TM-MeanFlow (TM-MF) pretraining of the flow head (DESIGN.md §1; paper §3.2, Eq. 14–15).
+"""Stage 1: TM-MeanFlow (TM-MF) pretraining of the flow head (docs/design.md §1; paper §3.2, Eq. 14–15).
 
 Per sample::
 
@@ -19,7 +19,7 @@ a central difference inside, an off-centre one (still two evaluations, spacing �
 ``s ± δ`` leaves ``[0, 1]``.
 
 Condition dropout replaces the text by the negative-prompt embedding (and the target by the
-plain ``v_in``) on a fraction of the samples. ``objective="tm"`` is the plain TM ablation
+plain ``v_in``) on a fraction of the samples. ``variant="tm"`` is the plain TM ablation
 (``r = s`` always, no derivative pass).
 
 Randomness: every draw comes from the ``generator`` argument, in a fixed order (dropout, t,
@@ -32,9 +32,8 @@ this — every process must issue the same collectives in the same order.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -46,16 +45,17 @@ from ..models.student import Features, TMDStudent
 from ..models.teacher import teacher_velocity
 from ..schedules import normal, per_sample, shift_time, shifted_grid, uniform
 
-OBJECTIVES = ("tm_meanflow", "tm")
+VARIANTS = ("tm_meanflow", "tm")
 CFG_SOURCES = ("teacher", "student")
 
 
 @dataclass(frozen=True)
 class TMMeanFlowConfig:
-    """The options of the TM-MF objective (defaults: the paper's 1.3B recipe, DESIGN.md §1).
+    """The options of the TM-MF objective (defaults: the paper's 1.3B recipe, docs/design.md §1).
 
     Attributes:
-        objective: ``"tm_meanflow"`` (TM-MF) or ``"tm"`` (plain transition matching, ``r = s``).
+        variant: ``"tm_meanflow"`` (TM-MF) or ``"tm"`` (plain transition matching, ``r = s``); in
+            a training config it is set by the method (``method=tm_meanflow|tm``), not a key.
         outer_steps: M, the student's outer steps (``t`` is drawn from ``t_1..t_M``).
         inner_steps: N, the flow head's inner steps (``r`` snaps to this grid).
         outer_shift, inner_shift: shift γ of the outer and inner grids (10).
@@ -75,7 +75,7 @@ class TMMeanFlowConfig:
             float32 weights the difference of its two rows is not buried in bf16 rounding).
     """
 
-    objective: str = "tm_meanflow"
+    variant: str = field(default="tm_meanflow", metadata={"set_by": "method"})
     outer_steps: int = 2
     inner_steps: int = 2
     outer_shift: float = 10.0
@@ -98,8 +98,8 @@ class TMMeanFlowConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.cfg_source not in CFG_SOURCES:
             raise ValueError(f"cfg_source must be one of {CFG_SOURCES}, got {self.cfg_source!r}")
         if not isinstance(self.fd_autocast, bool):
@@ -137,12 +137,12 @@ def sample_outer_time(batch: int, outer_steps: int, shift: float, t_max: float, 
 
 def sample_inner_times(batch: int, cfg: TMMeanFlowConfig, generator: torch.Generator,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (s, r) sampler of DESIGN.md §1: ``s = clip(shift(U, s_shift), s_min, s_max_clip)``;
+    """The (s, r) sampler of docs/design.md §1: ``s = clip(shift(U, s_shift), s_min, s_max_clip)``;
     ``r`` = the largest inner-grid point ``≤ s``, replaced by ``s`` with probability
-    ``equal_fraction`` (always for ``objective="tm"``). Returns ``(s, r)``, ``[B]`` float64."""
+    ``equal_fraction`` (always for ``variant="tm"``). Returns ``(s, r)``, ``[B]`` float64."""
     s = shift_time(uniform(batch, generator, device), cfg.s_shift).clamp(cfg.s_min, cfg.s_max_clip)
     equal = uniform(batch, generator, device) < cfg.equal_fraction
-    if cfg.objective == "tm":
+    if cfg.variant == "tm":
         return s, s.clone()
     grid = shifted_grid(cfg.inner_steps, cfg.inner_shift, cfg.s_max, device=device)
     below = torch.searchsorted(grid, s, right=True) - 1
@@ -317,7 +317,7 @@ def tm_meanflow(student: TMDStudent, batch: dict[str, torch.Tensor], cfg: TMMean
     s_plus, s_minus = fd_times(s, cfg.delta)
     u_plus = torch.zeros_like(u)
     u_minus = torch.zeros_like(u)
-    if cfg.objective == "tm_meanflow":
+    if cfg.variant == "tm_meanflow":
         fd_rows, n_fd = _rows((r != s).nonzero().squeeze(1))
         amp = contextlib.nullcontext() if cfg.fd_autocast else torch.autocast(device.type, enabled=False)
         fd_dtype = None if cfg.fd_autocast else student.dtype
@@ -358,9 +358,3 @@ def tm_meanflow(student: TMDStudent, batch: dict[str, torch.Tensor], cfg: TMMean
         }
     return {"loss": loss.mean()}, log
 
-
-def config_from(obj: object) -> TMMeanFlowConfig:
-    """The :class:`TMMeanFlowConfig` made of the same-named fields of ``obj`` (e.g. the stage-1
-    training config); fields ``obj`` lacks keep their defaults."""
-    names = [f.name for f in dataclasses.fields(TMMeanFlowConfig)]
-    return TMMeanFlowConfig(**{n: getattr(obj, n) for n in names if hasattr(obj, n)})

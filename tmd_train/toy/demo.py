@@ -1,6 +1,6 @@
 """The toy-world demo: the paper's comparison in miniature, on a laptop CPU.
 
-    python -m tmd_train.demo [--out runs/demo] [--fast] [--update-readme]
+    python -m tmd_train.toy.demo [--out runs/demo] [--fast] [--update-readme]
     make demo                                   # the same, after setting up the environment
 
 From the shipped toy teacher (:mod:`tmd_train.toy`) it
@@ -12,7 +12,7 @@ From the shipped toy teacher (:mod:`tmd_train.toy`) it
 4. runs stage 2 (``python -m tmd_train.stage2``): DMD2-v (plain few-step student) M = 1 (with KD
    warm-up), M = 2, and TMD N2H1 M = 1 (with KD warm-up), M = 2;
 5. samples every model for the same prompts and the same start noise, scores them with TinyBench
-   (:mod:`tmd_train.eval`), and writes ``<out>/report.md`` with the table (NFE, TinyBench scores,
+   (:mod:`tmd_train.toy.tinybench`), and writes ``<out>/report.md`` with the table (NFE, TinyBench scores,
    sampling time), ``samples_<method>.png`` per method, ``samples.png`` (all methods) and
    ``tinybench_vs_nfe.png``.
 
@@ -40,18 +40,17 @@ from pathlib import Path
 
 import torch
 
-from .data.shapes import sample_prompts
-from .eval import tinybench
-from .models.teacher import load_teacher
-from .sampling import effective_nfe, sample_few_step, sample_teacher, sample_tmd
-from .text import toy_encoder
-from .toy import TOY_CLIP_SHAPE, require_toy_teacher
+from ..models.teacher import load_teacher
+from ..sampling import effective_nfe, sample_few_step, sample_teacher, sample_tmd
+from . import TOY_CLIP_SHAPE, require_toy_teacher, text_encoder
+from .clips import sample_prompts
+from .tinybench import tinybench
 
 EVAL_SEED = 777
 NOISE_SEED = 4242
 HEAD_BLOCKS = 1
 INNER_STEPS = 2
-README_BEGIN = "<!-- demo:begin (written by python -m tmd_train.demo --update-readme) -->"
+README_BEGIN = "<!-- demo:begin (written by python -m tmd_train.toy.demo --update-readme) -->"
 README_END = "<!-- demo:end -->"
 
 
@@ -200,8 +199,8 @@ def run(out: Path, settings: DemoSettings, threads: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     s = settings
     prompts = sample_prompts(s.n_eval, EVAL_SEED)
-    text, _ = toy_encoder.encode(prompts)
-    negative = toy_encoder.encode_negative()[0].unsqueeze(0)
+    text, _ = text_encoder.encode(prompts)
+    negative = text_encoder.encode_negative()[0].unsqueeze(0)
     noise = torch.randn((s.n_eval, *TOY_CLIP_SHAPE), generator=torch.Generator().manual_seed(NOISE_SEED))
     teacher = load_teacher(teacher_dir, torch_dtype=torch.float32).eval()
     L = teacher.config.num_layers
@@ -232,7 +231,8 @@ def run(out: Path, settings: DemoSettings, threads: int | None = None) -> dict:
     for M in (1, 2):
         run_dir = out / f"stage1_tmd_M{M}"
         timed(f"stage1 TMD M={M}", "stage1", common + [
-            f"output_dir={run_dir}", f"steps={s.stage1_steps}", f"outer_steps={M}", f"inner_steps={INNER_STEPS}",
+            f"output_dir={run_dir}", f"steps={s.stage1_steps}", f"objective.outer_steps={M}",
+            f"objective.inner_steps={INNER_STEPS}",
             f"head_blocks={HEAD_BLOCKS}", f"lr={s.stage1_lr}", f"batch_size={s.stage1_batch}",
             f"synthetic_samples={max(1000, s.stage1_steps * s.stage1_batch)}"])
         students[f"stage1_M{M}"] = run_dir / "student"
@@ -242,7 +242,7 @@ def run(out: Path, settings: DemoSettings, threads: int | None = None) -> dict:
             args = common + [f"output_dir={run_dir}", f"method={method}", f"steps={s.stage2_steps}",
                              f"batch_size={s.batch_size}",
                              f"outer_steps={M}", f"inner_steps={INNER_STEPS}", f"head_blocks={HEAD_BLOCKS}",
-                             f"lr={s.lr}", f"generator_every={s.generator_every}", f"cfg_scale={s.teacher_cfg}",
+                             f"lr={s.lr}", f"generator_every={s.generator_every}", f"dmd.cfg_scale={s.teacher_cfg}",
                              f"synthetic_samples={max(1000, s.stage2_steps * s.batch_size)}", "sample_every=0",
                              f"ema_decay={s.ema_decay}", f"disc_width={s.disc_width}", "disc_groups=16"]
             if method == "tmd":
@@ -252,7 +252,7 @@ def run(out: Path, settings: DemoSettings, threads: int | None = None) -> dict:
             timed(f"stage2 {method} M={M}", "stage2", args)
             students[f"{method}_M{M}"] = run_dir / "student"
 
-    from .models.student import TMDStudent
+    from ..models.student import TMDStudent
     for M in (1, 2):
         student = TMDStudent.from_pretrained(students[f"stage1_M{M}"], torch_dtype=torch.float32).eval()
         rows.append(_evaluate(f"TMD N2H1 stage 1 only, M={M}", f"tmd_stage1_M{M}", f"{M}×(N=2)",
@@ -328,9 +328,9 @@ def report(rows: Sequence[Row], summary: dict, prompts: Sequence[str]) -> str:
     stage_lines = "\n".join(f"| {k} | {v:.0f} |" for k, v in summary["stage_seconds"].items())
     return f"""# Toy-world demo: TMD vs DMD2-v vs the teacher
 
-Written by `python -m tmd_train.demo` in {summary['total_seconds'] / 60:.1f} min on {summary['threads']} CPU
+Written by `python -m tmd_train.toy.demo` in {summary['total_seconds'] / 60:.1f} min on {summary['threads']} CPU
 thread(s) (torch {torch.__version__}). {s['n_eval']} evaluation prompts of world seed {EVAL_SEED}, the same
-start noise for every method; TinyBench (`python -m tmd_train.eval`) against {s['n_ref']} real clips.
+start noise for every method; TinyBench (`python -m tmd_train.toy.tinybench`) against {s['n_ref']} real clips.
 NFE counts teacher-sized forward passes per sample (CFG doubles the teacher's); TMD N2H1 costs
 M·(1 + (N−1)·H/L) = M·(1 + 1/6).
 
@@ -346,7 +346,7 @@ M·(1 + (N−1)·H/L) = M·(1 + 1/6).
 
 Per-method grids: {', '.join(f'`samples_{r.key}.png`' for r in rows)} (4 clips, frames left to right).
 
-## Recipe (scaled down from the paper; see `tmd_train/demo.py`)
+## Recipe (scaled down from the paper; see `tmd_train/toy/demo.py`)
 
 - Stage 1 (TM-MeanFlow): {s['stage1_steps']} steps, batch {s['stage1_batch']}, lr {s['stage1_lr']:g},
   H = {HEAD_BLOCKS}, N = {INNER_STEPS}.
@@ -395,7 +395,7 @@ def update_readme(out: Path, readme: Path, docs: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tmd_train.demo", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m tmd_train.toy.demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--fast", action="store_true", default=os.environ.get("DEMO_FAST", "") not in ("", "0"),
@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         run(out, settings, args.threads)
     if args.update_readme:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]
         update_readme(out, root / "README.md", root / "docs" / "demo")
     return 0
 

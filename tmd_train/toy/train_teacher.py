@@ -1,7 +1,7 @@
 """Train the toy world's teacher: a tiny pixel-space ``WanTransformer3DModel`` (see
 :mod:`tmd_train.toy`) on the moving-shapes clips, with rectified flow matching.
 
-    python -m tmd_train.teacher [--out tmd_train/assets/toy_teacher] [--steps 1200] [--threads 2]
+    python -m tmd_train.toy.train_teacher [--out tmd_train/toy/assets/toy_teacher] [--steps 1200] [--threads 2]
 
 Training (the defaults; every choice is a flag):
 
@@ -34,10 +34,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from tqdm.auto import tqdm
 
-from .data.shapes import WorldConfig, make_batch
-from .models.teacher import load_teacher, teacher_velocity
-from .text import toy_encoder
-from .toy import TOY_CLIP_SHAPE, TOY_TEACHER_CONFIG, TOY_TEACHER_DIR
+from ..models.teacher import load_teacher, teacher_velocity
+from . import TOY_CLIP_SHAPE, TOY_TEACHER_CONFIG, TOY_TEACHER_DIR, text_encoder
+from .clips import WorldConfig, make_batch
 
 TRAIN_SEED = 3
 
@@ -57,7 +56,7 @@ def training_batch(step: int, batch_size: int, cond_dropout: float, gen: torch.G
     clips, prompts, _ = make_batch(batch_size, TRAIN_SEED, world, start=step * batch_size)
     drop = torch.rand(batch_size, generator=gen) < cond_dropout
     prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
-    text, _ = toy_encoder.encode(prompts)
+    text, _ = text_encoder.encode(prompts)
     return clips, text
 
 
@@ -147,7 +146,7 @@ def train(out: Path, steps: int = 1200, batch_size: int = 24, lr: float = 1e-3, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tmd_train.teacher", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m tmd_train.toy.train_teacher", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(TOY_TEACHER_DIR), help="output model folder (default: the shipped one)")
     ap.add_argument("--steps", type=int, default=1200)

@@ -2,7 +2,7 @@
 
 It reads clips ``[B, 3, 8, 32, 32]`` in [-1, 1] and predicts the shape (3 classes), colour (4) and
 direction (4) of the (first) object; its penultimate activation ``[B, feature_dim]`` is the feature
-space of TinyBench's Fréchet distance (:mod:`tmd_train.eval`).
+space of TinyBench's Fréchet distance (:mod:`tmd_train.toy.tinybench`).
 
 Architecture (default sizes)::
 
@@ -13,11 +13,11 @@ Architecture (default sizes)::
     [mean, max] over (F, H, W) → Linear(128→64) → SiLU = features    [64]
     heads: Linear(64→3), Linear(64→4), Linear(64→4)
 
-Training (``python -m tmd_train.evaluator --train --out tmd_train/assets/evaluator.safetensors``)
+Training (``python -m tmd_train.toy.evaluator --train --out tmd_train/toy/assets/evaluator.safetensors``)
 draws fresh single-object clips every step from world seed :data:`TRAIN_SEED` (no clip is seen
 twice), with light augmentation so the evaluator also reads imperfect generations: with probability
 0.5 Gaussian noise of std ``U[0, 0.2]``, with probability 0.3 a 3×3 spatial box blur. Accuracy is
-measured on held-out clips of seed :data:`VAL_SEED`. The weights ship in ``tmd_train/assets/`` with
+measured on held-out clips of seed :data:`VAL_SEED`. The weights ship in ``tmd_train/toy/assets/`` with
 their config, seed, step count and accuracy in the safetensors metadata.
 """
 from __future__ import annotations
@@ -36,9 +36,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES, WorldConfig, make_batch
+from . import ASSETS
+from .clips import ATTRIBUTE_NAMES, ATTRIBUTES, WorldConfig, make_batch
 
-ASSET_PATH = Path(__file__).resolve().parent / "assets" / "evaluator.safetensors"
+ASSET_PATH = ASSETS / "evaluator.safetensors"
 TRAIN_SEED = 1
 VAL_SEED = 2
 NUM_CLASSES: tuple[int, ...] = tuple(len(a) for a in ATTRIBUTES)
@@ -165,11 +166,11 @@ def save_evaluator(model: ClipEvaluator, path: str | Path, record: dict | None =
 
 
 def load_evaluator(path: str | Path | None = None) -> ClipEvaluator:
-    """Load an evaluator (default: the shipped ``tmd_train/assets/evaluator.safetensors``), eval mode, CPU."""
+    """Load an evaluator (default: the shipped ``tmd_train/toy/assets/evaluator.safetensors``), eval mode, CPU."""
     path = Path(path) if path is not None else ASSET_PATH
     if not path.is_file():
         raise FileNotFoundError(f"evaluator weights {path} not found (train them with "
-                                f"`python -m tmd_train.evaluator --train --out {path}`)")
+                                f"`python -m tmd_train.toy.evaluator --train --out {path}`)")
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}

@@ -1,32 +1,30 @@
-"""Samplers (deterministic given a ``torch.Generator``) and NFE accounting.
+"""Samplers, deterministic given a ``torch.Generator``.
 
 * :func:`sample_teacher` — flow-matching Euler with timestep shift and CFG (the 100-NFE teacher).
-* :func:`sample_tmd` — Algorithm 1 of DESIGN.md: M outer steps, each one backbone pass and an
+* :func:`sample_tmd` — Algorithm 1 of docs/design.md: M outer steps, each one backbone pass and an
   N-step inner flow of the head from fresh noise ``y1``.
 * :func:`sample_few_step` — the plain few-step student (DMD2-v baseline, a teacher-architecture
   model), deterministic stepping Eq. 18: ``x_{t'} = (1 - t'/t)·x̂ + (t'/t)·x_t``,
   ``x̂ = x_t - t·v(x_t, t)``.
 
-Every sampler returns a :class:`Sample` ``(x0, nfe)``; ``nfe`` is measured, not computed: forward
-pre-hooks count the rows pushed through every transformer block, divided by ``L·B`` (one CFG
-pass over a ``2B`` batch therefore counts 2). Times are flow times in ``[0, 1]``; grids are float64.
+Every sampler returns a :class:`Sample` ``(x0, nfe)`` with ``nfe`` measured by
+:func:`~tmd_train.sampling.nfe.count_blocks`. Times are flow times in ``[0, 1]``; grids are float64.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from diffusers import WanTransformer3DModel
-from torch import nn
 
-from .models.teacher import teacher_velocity
-from .schedules import shifted_grid
+from ..models.teacher import teacher_velocity
+from ..schedules import shifted_grid
+from .inputs import batch_time, check_text, initial_noise, randn
+from .nfe import count_blocks
 
 if TYPE_CHECKING:
-    from .models.student import TMDStudent
+    from ..models.student import TMDStudent
 
 
 class Sample(NamedTuple):
@@ -35,81 +33,6 @@ class Sample(NamedTuple):
 
     x0: torch.Tensor
     nfe: float
-
-
-def effective_nfe(M: int, N: int, H: int, L: int) -> float:
-    """Effective NFE of TMD (paper Eq. 16): ``M·(1 + (N-1)·H/L)``.
-
-    M outer steps, N inner steps, H head blocks, L teacher blocks. E.g. N2H5, M=2, L=30 -> 2.333;
-    N4H5, M=1, L=40 -> 1.375. A plain few-step student is ``N = 1`` (-> M).
-    """
-    for name, v in (("M", M), ("N", N), ("H", H), ("L", L)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    if H > L:
-        raise ValueError(f"H (head blocks) must be <= L (teacher blocks), got H={H}, L={L}")
-    return M * (1.0 + (N - 1) * H / L)
-
-
-@dataclass
-class BlockCount:
-    """Rows pushed through a model's transformer blocks (see :func:`count_blocks`)."""
-
-    num_blocks: int
-    batch_size: int
-    rows: int = 0
-
-    @property
-    def nfe(self) -> float:
-        """Full-model evaluations per sample: ``rows / (L · batch_size)``."""
-        return self.rows / (self.num_blocks * self.batch_size)
-
-
-@contextmanager
-def count_blocks(blocks: nn.ModuleList, batch_size: int) -> Iterator[BlockCount]:
-    """Count transformer-block evaluations of a Wan model inside the ``with`` body: forward
-    pre-hooks on every block add the batch size of each call (rows of ``hidden_states``)."""
-    count = BlockCount(len(blocks), batch_size)
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        count.rows += args[0].shape[0]
-
-    handles = [b.register_forward_pre_hook(hook) for b in blocks]
-    try:
-        yield count
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _initial_noise(noise: torch.Tensor | None, shape: Sequence[int] | None,
-                   generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    if (noise is None) == (shape is None):
-        raise ValueError("pass exactly one of noise (the x at t_max) and shape ([B, C, F, H, W])")
-    if noise is not None:
-        if noise.dim() != 5:
-            raise ValueError(f"noise must be [B, C, F, H, W], got shape {tuple(noise.shape)}")
-        return noise.to(device=device, dtype=torch.float32)
-    if len(shape) != 5:
-        raise ValueError(f"shape must be [B, C, F, H, W], got {tuple(shape)}")
-    return _randn(tuple(shape), generator, device)
-
-
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard normal float32 noise drawn on the generator's device (CPU without one), then
-    moved to ``device``: the same seed gives the same noise whatever device the model is on."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
-
-
-def _batch_time(value: torch.Tensor, batch: int) -> torch.Tensor:
-    """0-d float64 time -> ``[B]``."""
-    return value.reshape(1).expand(batch).contiguous()
-
-
-def _check_text(text: torch.Tensor, batch: int, name: str = "text") -> None:
-    if text.dim() != 3 or text.shape[0] != batch:
-        raise ValueError(f"{name} must be [B={batch}, L_text, text_dim], got {tuple(text.shape)}")
 
 
 @torch.no_grad()
@@ -138,9 +61,9 @@ def sample_teacher(teacher: WanTransformer3DModel, text: torch.Tensor, *,
         ``Sample(x0, nfe)``.
     """
     device = teacher.patch_embedding.weight.device
-    x = _initial_noise(noise, shape, generator, device)
+    x = initial_noise(noise, shape, generator, device)
     B = x.shape[0]
-    _check_text(text, B)
+    check_text(text, B)
     guided = cfg != 1.0
     if guided:
         if negative_text is None:
@@ -153,7 +76,7 @@ def sample_teacher(teacher: WanTransformer3DModel, text: torch.Tensor, *,
     grid = shifted_grid(steps, shift, t_max, device=device)
     with count_blocks(teacher.blocks, B) as counter:
         for i in range(steps, 0, -1):
-            t = _batch_time(grid[i], B)
+            t = batch_time(grid[i], B)
             if not guided:
                 v = teacher_velocity(teacher, x, t, text)
             elif negative_text.shape[1] == text.shape[1]:
@@ -173,7 +96,7 @@ def sample_tmd(student: TMDStudent, text: torch.Tensor, *, noise: torch.Tensor |
                shape: Sequence[int] | None = None, generator: torch.Generator | None = None,
                M: int = 2, N: int = 2, outer_shift: float = 10.0, inner_shift: float = 10.0,
                t_max: float = 0.999, s_max: float = 0.999) -> Sample:
-    """TMD sampling, Algorithm 1 (DESIGN.md §1)::
+    """TMD sampling, Algorithm 1 (docs/design.md §1)::
 
         x = noise                                   # at t_M = t_max
         for i = M..1:  m = backbone(x, t_i);  y1 ~ N(0, I) (fresh);  y = y1
@@ -193,16 +116,16 @@ def sample_tmd(student: TMDStudent, text: torch.Tensor, *, noise: torch.Tensor |
         ``Sample(x0, nfe)`` with ``nfe = M·(1 + (N-1)·H/L)`` as measured.
     """
     device = student.device
-    x = _initial_noise(noise, shape, generator, device)
+    x = initial_noise(noise, shape, generator, device)
     B = x.shape[0]
-    _check_text(text, B)
+    check_text(text, B)
     text = text.to(device)
     t_grid = shifted_grid(M, outer_shift, t_max, device=device)
     s_grid = shifted_grid(N, inner_shift, s_max, device=device)
     with count_blocks(student.transformer.blocks, B) as counter:
         for i in range(M, 0, -1):
-            feats = student.backbone(x, _batch_time(t_grid[i], B), text)
-            y1 = _randn(tuple(x.shape), generator, device)
+            feats = student.backbone(x, batch_time(t_grid[i], B), text)
+            y1 = randn(tuple(x.shape), generator, device)
             y = student.inner_flow(feats, y1, s_grid)
             x = x - float(t_grid[i] - t_grid[i - 1]) * y
     return Sample(x, counter.nfe)
@@ -228,14 +151,14 @@ def sample_few_step(model: WanTransformer3DModel, text: torch.Tensor, *, noise: 
         ``Sample(x0, nfe)``.
     """
     device = model.patch_embedding.weight.device
-    x = _initial_noise(noise, shape, generator, device)
+    x = initial_noise(noise, shape, generator, device)
     B = x.shape[0]
-    _check_text(text, B)
+    check_text(text, B)
     text = text.to(device)
     grid = shifted_grid(steps, shift, t_max, device=device)
     with count_blocks(model.blocks, B) as counter:
         for i in range(steps, 0, -1):
             t, t_next = float(grid[i]), float(grid[i - 1])
-            x_hat = x - t * teacher_velocity(model, x, _batch_time(grid[i], B), text)
+            x_hat = x - t * teacher_velocity(model, x, batch_time(grid[i], B), text)
             x = (1.0 - t_next / t) * x_hat + (t_next / t) * x
     return Sample(x, counter.nfe)

@@ -6,7 +6,7 @@ viewer of the saved video sees). The reference is **real clips for the same prom
 ``clip_generator(ref_seed, i)``, ``n_ref`` clips in all, so a generator is compared with the real
 world under its own prompt distribution.
 
-* **semantic** — the evaluator (:mod:`tmd_train.evaluator`) predicts shape, colour and direction of
+* **semantic** — the evaluator (:mod:`tmd_train.toy.evaluator`) predicts shape, colour and direction of
   each clip; an attribute is correct when it equals the prompt's (for a two-object prompt: the
   attribute of either object, since the evaluator cannot tell which object is "first").
   ``semantic_accuracy`` = mean over the three attributes and the clips; ``semantic = 100·accuracy``.
@@ -21,14 +21,14 @@ world under its own prompt distribution.
   **total** = ``(4·quality + 1·semantic) / 5`` — VBench's 4:1 weighting of quality and semantic.
 
 All scores lie in [0, 100]. The κ's were set once from the shipped evaluator (see
-``tmd_train/assets/README.md``): real clips score near 100, pure noise near 0.
+``tmd_train/toy/assets/README.md``): real clips score near 100, pure noise near 0.
 
 CLI::
 
-    python -m tmd_train.eval --clips DIR           # DIR/clips.safetensors (key "clips") + DIR/prompts.jsonl
-    python -m tmd_train.eval --dataset DIR         # a toy-world dataset folder (its latents are clips)
-    python -m tmd_train.eval --sampler pkg.mod:fn --n 256   # fn(prompts, generator) -> clips [N,3,8,32,32]
-    python -m tmd_train.eval --sampler tmd_train.eval:world_sampler --n 256   # the ceiling: real clips
+    python -m tmd_train.toy.tinybench --clips DIR    # DIR/clips.safetensors (key "clips") + DIR/prompts.jsonl
+    python -m tmd_train.toy.tinybench --dataset DIR  # a toy-world dataset folder (its latents are clips)
+    python -m tmd_train.toy.tinybench --sampler pkg.mod:fn --n 256   # fn(prompts, generator) -> clips [N,3,8,32,32]
+    python -m tmd_train.toy.tinybench --sampler tmd_train.toy.tinybench:world_sampler --n 256   # real clips
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data.format import LatentDataset
-from .data.shapes import ATTRIBUTE_NAMES, WorldConfig, parse_prompt, render_prompts, sample_prompts
+from ..data.format import LatentDataset
+from .clips import ATTRIBUTE_NAMES, WorldConfig, parse_prompt, render_prompts, sample_prompts
 from .evaluator import ClipEvaluator, default_evaluator, load_evaluator
 
 KAPPA_FD = 10.0

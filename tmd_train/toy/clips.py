@@ -1,4 +1,4 @@
-"""The procedural "moving shapes" video world: the embedded default's data (DESIGN.md §4).
+"""The procedural "moving shapes" video world: the embedded default's data (docs/design.md §4).
 
 A clip is ``[3, F, H, W]`` RGB in ``[-1, 1]`` (float32), by default ``F = 8`` frames of ``32 × 32``
 pixels — small enough that a tiny teacher trains on a CPU. It shows one object (or, with
@@ -19,8 +19,8 @@ Everything is deterministic: clip ``i`` of seed ``s`` draws from a CPU ``torch.G
 ``numpy.random.SeedSequence([s, i])``, so ``make_batch(n, s)`` is a prefix of ``make_batch(n + k, s)``.
 
 The toy world has **no VAE**: the teacher works in pixel space (``in_channels = 3``) and a dataset
-written by ``python -m tmd_train.data.shapes --out DIR --n N`` stores the clips themselves as
-``latents [n, 3, 8, 32, 32]``, with text from :mod:`tmd_train.text.toy_encoder`.
+written by ``python -m tmd_train.toy.clips --out DIR --n N`` stores the clips themselves as
+``latents [n, 3, 8, 32, 32]``, with text from :mod:`tmd_train.toy.text_encoder`.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..text import toy_encoder
-from .format import DatasetWriter
+from ..data.format import DatasetWriter
+from . import text_encoder
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
@@ -265,21 +265,21 @@ def write_dataset(out: str, n: int, seed: int = 0, config: WorldConfig | None = 
                   dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, chunk: int = 64) -> None:
     """Write ``n`` clips of seed ``seed`` as a ``"latents"`` dataset (pixel space, see module doc)."""
     config = config or WorldConfig()
-    meta = {"source": "tmd_train.data.shapes", "space": "pixel (no VAE; latents are the clips in [-1, 1])",
+    meta = {"source": "tmd_train.toy.clips", "space": "pixel (no VAE; latents are the clips in [-1, 1])",
             "seed": seed, "world": asdict(config),
-            "text_encoder": {"name": "tmd_train.text.toy_encoder", "table_seed": toy_encoder.TABLE_SEED,
-                             "L_text": toy_encoder.L_TEXT, "text_dim": toy_encoder.TEXT_DIM}}
+            "text_encoder": {"name": "tmd_train.toy.text_encoder", "table_seed": text_encoder.TABLE_SEED,
+                             "L_text": text_encoder.L_TEXT, "text_dim": text_encoder.TEXT_DIM}}
     with DatasetWriter(out, kind="latents", shard_size=shard_size, dtype=dtype, metadata=meta,
                        overwrite=overwrite) as w:
-        w.set_negative(*toy_encoder.encode_negative())
+        w.set_negative(*text_encoder.encode_negative())
         for s in range(0, n, chunk):
             videos, prompts, _ = make_batch(min(chunk, n - s), seed, config, start=s)
-            emb, mask = toy_encoder.encode(prompts)
+            emb, mask = text_encoder.encode(prompts)
             w.add_batch(prompts, latents=videos, text_emb=emb, text_mask=mask)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m tmd_train.data.shapes --out DIR --n N [--seed S] [--p-two P]``."""
+    """CLI: ``python -m tmd_train.toy.clips --out DIR --n N [--seed S] [--p-two P]``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="dataset folder to create")
     ap.add_argument("--n", type=int, required=True, help="number of clips")

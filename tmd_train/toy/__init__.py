@@ -1,17 +1,23 @@
-"""The toy world's fixed pieces: the tiny pixel-space teacher architecture, where its shipped
-weights live, and the defaults every stage falls back to when run with no arguments.
+"""The toy world: a procedural moving-shapes video world small enough to run the whole method on a CPU.
+
+Modules: :mod:`~tmd_train.toy.clips` (the world: clips, prompts, datasets), :mod:`~tmd_train.toy.text_encoder`
+(the fixed text encoder), :mod:`~tmd_train.toy.train_teacher` (the toy teacher's trainer),
+:mod:`~tmd_train.toy.evaluator` and :mod:`~tmd_train.toy.tinybench` (TinyBench, a miniature VBench) and
+:mod:`~tmd_train.toy.demo` (the paper's comparison in miniature). This package itself holds the fixed pieces:
+the tiny pixel-space teacher architecture, where its shipped weights live, and the defaults every stage falls
+back to when run with no arguments.
 
 The toy teacher is a ``WanTransformer3DModel`` working directly on RGB clips ``[3, 8, 32, 32]`` in
-``[-1, 1]`` (no VAE), conditioned on :mod:`tmd_train.text.toy_encoder` embeddings ``[12, 32]``.
-Its trained weights are shipped in ``tmd_train/assets/toy_teacher/`` (a diffusers model folder,
-``load_teacher`` reads it); ``tmd_train/assets/README.md`` records the command that produced them.
+``[-1, 1]`` (no VAE), conditioned on :mod:`tmd_train.toy.text_encoder` embeddings ``[12, 32]``.
+Its trained weights are shipped in ``tmd_train/toy/assets/toy_teacher/`` (a diffusers model folder,
+``load_teacher`` reads it); ``tmd_train/toy/assets/README.md`` records the command that produced them.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .text import toy_encoder
+from . import text_encoder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 #: The shipped toy teacher (config.json + diffusion_pytorch_model.safetensors).
@@ -27,7 +33,7 @@ TOY_CLIP_SHAPE = (3, 8, 32, 32)
 #: powers of two on purpose: CPU attention is several times slower otherwise.
 TOY_TEACHER_CONFIG: dict[str, Any] = {
     "patch_size": (2, 4, 4), "num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 3,
-    "out_channels": 3, "text_dim": toy_encoder.TEXT_DIM, "freq_dim": 64, "ffn_dim": 384, "num_layers": 6,
+    "out_channels": 3, "text_dim": text_encoder.TEXT_DIM, "freq_dim": 64, "ffn_dim": 384, "num_layers": 6,
     "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 64,
 }
 
@@ -41,7 +47,7 @@ def require_toy_teacher() -> Path:
     """``TOY_TEACHER_DIR`` if the shipped weights are there; FileNotFoundError saying what to do otherwise."""
     if not toy_teacher_available():
         raise FileNotFoundError(
-            f"the toy teacher is not in {TOY_TEACHER_DIR}: train it with `python -m tmd_train.teacher` "
+            f"the toy teacher is not in {TOY_TEACHER_DIR}: train it with `python -m tmd_train.toy.train_teacher` "
             "or pass teacher=<a Wan2.1 diffusers folder> (and data=<dataset folder>)")
     return TOY_TEACHER_DIR
 

@@ -1,5 +1,6 @@
 """LoopedInnerFlow / sample_tmd_looped: the student's inner flow through tmd_ext.FlowHeadLoop equals
-student.inner_flow and sample_tmd (tiny random Wan, CPU; CUDA graph path on a GPU)."""
+student.inner_flow, sample_tmd and Algorithm 1 written with tmd_ext.reference.inner_flow (tiny random
+Wan, CPU; CUDA graph path on a GPU)."""
 from __future__ import annotations
 
 import warnings
@@ -8,8 +9,9 @@ import pytest
 import torch
 from support.tiny import LATENT, TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
 
+from tmd_ext import reference
 from tmd_train import TMDStudent, effective_nfe, sample_tmd, shifted_grid
-from tmd_train.inner_flow_loop import LoopedInnerFlow, sample_tmd_looped
+from tmd_train.sampling import LoopedInnerFlow, sample_tmd_looped
 
 B = 2
 
@@ -66,6 +68,25 @@ def test_sample_matches_sample_tmd(student, gen):
     with pytest.raises(ValueError, match="inner grid"):
         sample_tmd_looped(student, text, generator=torch.Generator().manual_seed(7), inner=inner,
                           shape=(B, *LATENT), M=2, N=2)
+
+
+def test_sample_matches_reference_inner_flow(student, gen):
+    """Algorithm 1 with the pure-PyTorch reference inner flow of the student's head: the same draws
+    from the generator (start noise, then y1 per outer step), the same x0."""
+    text = torch.randn(B, TEXT_LEN, TINY_CONFIG["text_dim"], generator=gen)
+    M, N = 2, 3
+    got = sample_tmd_looped(student, text, shape=(B, *LATENT), generator=torch.Generator().manual_seed(5),
+                            M=M, N=N, outer_shift=5.0, inner_shift=3.0)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, *LATENT, generator=g)
+    t_grid, s_grid = shifted_grid(M, 5.0, 0.999), shifted_grid(N, 3.0, 0.999)
+    with torch.no_grad():
+        for i in range(M, 0, -1):
+            feats = student.backbone(x, t_grid[i].expand(B), text)
+            y1 = torch.randn(B, *LATENT, generator=g)
+            y = reference.inner_flow(lambda y, s, r, feats=feats: student.head(y, s, r, feats), y1, s_grid)
+            x = x - float(t_grid[i] - t_grid[i - 1]) * y
+    torch.testing.assert_close(got.x0, x, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_args(student, gen):

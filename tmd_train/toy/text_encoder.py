@@ -61,16 +61,16 @@ def tokenize(prompt: str) -> list[int]:
     :data:`L_TEXT` words.
     """
     if not isinstance(prompt, str):
-        raise ValueError(f"toy_encoder: prompt must be a str, got {type(prompt).__name__}")
+        raise ValueError(f"toy text encoder: prompt must be a str, got {type(prompt).__name__}")
     words = prompt.lower().split()
     ids = []
     for w in words:
         if w not in _TOKEN_ID or w == VOCAB[PAD_ID]:
             known = ", ".join(VOCAB[1:])
-            raise ValueError(f"toy_encoder: unknown word {w!r} in prompt {prompt!r}; vocabulary: {known}")
+            raise ValueError(f"toy text encoder: unknown word {w!r} in prompt {prompt!r}; vocabulary: {known}")
         ids.append(_TOKEN_ID[w])
     if len(ids) > L_TEXT:
-        raise ValueError(f"toy_encoder: prompt {prompt!r} has {len(ids)} words, at most L_TEXT={L_TEXT}")
+        raise ValueError(f"toy text encoder: prompt {prompt!r} has {len(ids)} words, at most L_TEXT={L_TEXT}")
     return ids
 
 

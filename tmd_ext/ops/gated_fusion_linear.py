@@ -1,0 +1,85 @@
+"""`gated_fusion_linear`: :mod:`tmd_ext.ops.gated_fusion` with the projection fused in
+(docs/design.md §3),
+
+    out = m + λ ⊙ (z - m),   z = x·weightᵀ + bias,   λ = sigmoid(alpha) · gate[:, None, :],
+
+whose GEMM accumulates in fp32 and whose ``z`` is never rounded to the input dtype (on sm_90a
+the fusion is the epilogue of a CUTLASS GEMM). With ``gate = 0`` it returns ``m`` exactly."""
+from __future__ import annotations
+
+import torch
+
+from . import checks
+
+
+def _check(m, x, weight, bias, gate, alpha) -> None:
+    named = [(m, "m"), (x, "x"), (weight, "weight")] + ([(bias, "bias")] if bias is not None else [])
+    named += [(gate, "gate"), (alpha, "alpha")]
+    for t, n in named:
+        checks.tensor(t, n)
+    for t, n in named[1:]:
+        checks.same_dtype(t, n, m, "m")
+    for t, n in named[1:]:
+        checks.same_device(t, n, m, "m")
+    checks.dim(m, 3, "m", "[B, T, D]")
+    checks.dim(x, 3, "x", "[B, T, K]")
+    checks.dim(weight, 2, "weight", "[D, K]")
+    checks.nonempty(m, "m")
+    checks.nonempty(x, "x")
+    b, t, d = m.shape
+    k = x.shape[2]
+    checks.shape(x, (b, t, k), "x")
+    checks.shape(weight, (d, k), "weight")
+    if bias is not None:
+        checks.shape(bias, (d,), "bias")
+    checks.shape(gate, (b, d), "gate")
+    checks.zero_dim(alpha, "alpha")
+
+
+def gated_fusion_linear(m: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        gate: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``gated_fusion(m, x·weightᵀ + bias, gate, alpha)`` without materialising ``z`` in the input
+    dtype (on sm_90a without materialising it at all: the fusion is the GEMM's epilogue).
+
+    Args:
+        m: ``[B, T, D]`` backbone feature.
+        x: ``[B, T, K]`` input of the projection.
+        weight: ``[D, K]``; bias: ``[D]`` or ``None``.
+        gate: ``[B, D]``; alpha: 0-d. All one dtype among fp32, bf16, fp16, fp64, on one device.
+    Returns:
+        ``[B, T, D]`` in the input dtype. The GEMM accumulates in fp32 (fp64 for fp64).
+    Gradients flow to ``m``, ``x``, ``weight``, ``bias``, ``gate`` and ``alpha``.
+    """
+    _check(m, x, weight, bias, gate, alpha)
+    return torch.ops.tmd.gated_fusion_linear(m, x, weight, bias, gate, alpha)
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("tmd::gated_fusion_linear")
+def _(m, x, weight, bias, gate, alpha):
+    return _contig(m)
+
+
+@torch.library.register_fake("tmd::gated_fusion_linear_backward")
+def _(grad_out, m, x, weight, bias, gate, alpha):
+    return (_contig(m), _contig(x), _contig(weight), m.new_empty((m.shape[2],)), _contig(gate),
+            torch.empty_like(alpha))
+
+
+def _setup_context(ctx, inputs, output):
+    m, x, weight, bias, gate, alpha = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(m, x, weight, bias, gate, alpha)
+
+
+def _backward(ctx, grad_out):
+    m, x, weight, bias, gate, alpha = ctx.saved_tensors
+    grads = torch.ops.tmd.gated_fusion_linear_backward(grad_out, m, x, weight, bias, gate, alpha)
+    grad_m, grad_x, grad_weight, grad_bias, grad_gate, grad_alpha = grads
+    return grad_m, grad_x, grad_weight, grad_bias if ctx.has_bias else None, grad_gate, grad_alpha
+
+
+torch.library.register_autograd("tmd::gated_fusion_linear", _backward, setup_context=_setup_context)
