@@ -1,7 +1,7 @@
 """The Python side of :class:`tmd_ext.FlowHeadLoop`: an inner flow whose head reads per-call
 inputs from static buffers.
 
-The C++ loop runs the whole inner flow of one outer step (docs/design.md §3)::
+The C++ loop runs the whole inner flow of one outer step (docs/design.md §3.5)::
 
     y = y1;  for j = N..1:  y = flow_step(y, head(y, s_j, s_{j-1}), y1, s_j, s_{j-1})
 

@@ -1,5 +1,5 @@
 """Pure-PyTorch references of the `tmd` ops: the ground truth of the tests and the "eager"
-provider of the benchmarks. Same contracts as the ops (docs/design.md §3): arithmetic in fp32 (fp64
+provider of the benchmarks. Same contracts as the ops (docs/design.md §3.2–§3.3): arithmetic in fp32 (fp64
 for fp64 inputs), output in the input dtype."""
 from __future__ import annotations
 

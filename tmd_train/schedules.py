@@ -1,4 +1,4 @@
-"""Time schedules: the timestep shift and the shifted step grids (DESIGN.md §1).
+"""Time schedules: the timestep shift and the shifted step grids (docs/design.md §1.1).
 
 All times are flow times in ``[0, 1]`` (t=0 data, t=1 noise). Grids are float64 (the paper keeps
 time in FP64) and ascending: ``grid[0] = 0``, ``grid[n] = t_max``.

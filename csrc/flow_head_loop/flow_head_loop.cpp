@@ -1,5 +1,5 @@
 // FlowHeadLoop (Python class tmd_ext.FlowHeadLoop): the persistent inner-flow recurrence of one
-// outer step, DESIGN.md §1 Algorithm 1 and §3:
+// outer step, docs/design.md §1.7 (Algorithm 1) and §3.5:
 //   y = y1;  for j = N..1:  y = flow_step(y, head(y, s_j, s_{j-1}), y1, s_j, s_{j-1})
 // where flow_step(y, h, y1, s, r) = y - (s-r)·(y1 - h) and head is a Python callable.
 //
@@ -414,7 +414,7 @@ class FlowHeadLoop {
 };
 
 constexpr const char* kClassDoc = R"doc(
-The whole inner flow of one outer step (DESIGN.md §1, Algorithm 1) run by C++:
+The whole inner flow of one outer step (docs/design.md §1.7, Algorithm 1; §3.5) run by C++:
 
     y = y1;  for j = N..1:  y = y - (s_j - s_{j-1})·(y1 - head(y, s_j, s_{j-1}))
 

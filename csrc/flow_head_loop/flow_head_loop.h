@@ -1,4 +1,4 @@
-// FlowHeadLoop: the whole inner flow of one outer step (DESIGN.md §1, Algorithm 1),
+// FlowHeadLoop: the whole inner flow of one outer step (docs/design.md §1.7, Algorithm 1; §3.5),
 //   y = y1;  for j = N..1:  y = y - (s_j - s_{j-1})·(y1 - head(y, s_j, s_{j-1}))
 // with a Python head callable. CPU (and CUDA with use_graph=False) runs the loop eagerly with
 // tmd::flow_step; CUDA captures one head step + the in-place update into a CUDA graph and replays

@@ -1,4 +1,4 @@
-// meanflow_fd_loss: the TM-MeanFlow loss with the finite-difference target (DESIGN.md §2, stage 1).
+// meanflow_fd_loss: the TM-MeanFlow loss with the finite-difference target (docs/design.md §1.4; contract §3.2).
 // Per sample b, with a_b = (s-r)/(s_plus-s_minus) and d = elements per sample:
 //   u_hat = v - a_b*(u_plus - u_minus)  on rows with s != r,   u_hat = v  on rows with s == r,
 //   delta = u - u_hat,  loss_b = |delta_b|^2 / sg(|delta_b|^2 + c),  mse_b = |delta_b|^2 / d.

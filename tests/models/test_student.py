@@ -179,7 +179,7 @@ def test_concat_fusion_init(teacher, gen):
 
 
 def test_gated_fusion_formula(gen):
-    """GatedFusion == the docs/design.md §2 formula written with plain torch ops, for non-zero parameters."""
+    """GatedFusion == the docs/design.md §2.2 formula written with plain torch ops, for non-zero parameters."""
     torch.manual_seed(1)
     fusion = GatedFusion(DIM, hidden_dim=24).double()
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_inner_flow_matches_manual_loop(teacher, gen):
 
 
 def test_inner_flow_constant_velocity_is_exact(teacher, gen, monkeypatch):
-    """Sign check (docs/design.md §1): if the head returns a constant c, the conditional path from y1 to
+    """Sign check (docs/design.md §1.2): if the head returns a constant c, the conditional path from y1 to
     y = c has velocity y1 - c = u, and every step lands exactly on it: y0 = c for any grid."""
     student = TMDStudent.from_teacher(teacher, head_blocks=1)
     c = torch.randn(2, *LATENT, generator=gen)
@@ -354,7 +354,7 @@ def _fd_vs_exact(student, gen, delta=5e-3):
 
 
 def test_fd_accuracy_outer_time_embedding(gen):
-    """docs/design.md §1: with the head's low-frequency embeddings of s and s-r (made non-zero first —
+    """docs/design.md §2.5: with the head's low-frequency embeddings of s and s-r (made non-zero first —
     at init ∂head/∂s = 0 and the test would check nothing: rel_s would be nan and fail), a central
     difference at δ = 5e-3 matches the exact derivatives (measured ≲ 2e-3 over seeds)."""
     student = TMDStudent.from_teacher(tiny_teacher(seed=5), head_blocks=2).double()
@@ -364,7 +364,7 @@ def test_fd_accuracy_outer_time_embedding(gen):
 
 
 def test_fd_inaccuracy_inner_time_embedding(gen, capsys):
-    """Measured, not hidden (docs/design.md §1): head_time="inner" embeds s the Wan way (sinusoids of
+    """Measured, not hidden (docs/design.md §2.5): head_time="inner" embeds s the Wan way (sinusoids of
     1000·s), and the same central difference is off by O(100%) along s (≈ 0.9–12× over seeds)."""
     student = TMDStudent.from_teacher(tiny_teacher(seed=5), head_blocks=2, head_time="inner").double()
     randomize_zero_init(student, gen)

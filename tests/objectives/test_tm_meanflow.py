@@ -157,7 +157,7 @@ def test_fd_pass_matches_exact_jvp(gen):
 
 
 def test_fd_error_default_time_embedding(gen, capsys):
-    """Measured, not hidden (docs/design.md §1): with ω_max = 10 rad/unit (ω_max·δ = 0.05, docs/design.md's ceiling)
+    """Measured, not hidden (docs/design.md §2.5): with ω_max = 10 rad/unit (ω_max·δ = 0.05, docs/design.md's ceiling)
     the truncation error at δ = 5e-3 is ≈ (ω_max·δ)²/6 ≈ 4e-4; with Wan's float32 islands kept,
     their rounding noise adds ~1e-4·(scale of the model). Both stay below 1e-3."""
     student = make_student(seed=5, dtype=F64, gen=gen, time_max_freq=10.0)

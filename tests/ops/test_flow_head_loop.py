@@ -45,7 +45,7 @@ def python_loop(head, y1: torch.Tensor, s_grid: torch.Tensor) -> torch.Tensor:
 
 
 def make_grid(n: int, dtype=torch.float32, device="cpu", gamma: float = 10.0) -> torch.Tensor:
-    """An increasing shifted grid [n+1] from 0 to 1 (the inner-grid shift of docs/design.md §1)."""
+    """An increasing shifted grid [n+1] from 0 to 1 (the inner-grid shift of docs/design.md §1.1)."""
     u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
     return (gamma * u / ((gamma - 1) * u + 1)).to(dtype=dtype, device=device)
 

@@ -69,7 +69,7 @@ def test_shift_and_grid():
 
 # ------------------------------------------------------------------ sign check
 def test_flow_step_constant_velocity_one_step_exact(gen):
-    """docs/design.md §1: on the straight conditional path y_s = (1-s)·y + s·y1 the velocity y1 - y is
+    """docs/design.md §1.2: on the straight conditional path y_s = (1-s)·y + s·y1 the velocity y1 - y is
     constant; with head = y (so u = y1 - y) one step from s = 1 to r = 0 returns y exactly, and a
     step between any s > r lands on the path. The printed sign (+) would give 2·y1 - y."""
     y, y1 = (torch.randn(3, 4, 5, generator=gen) for _ in range(2))

@@ -13,8 +13,9 @@ import diffusers
 import sentencepiece as spm
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
-from support.tiny import TINY_CONFIG, tiny_teacher
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from support.tiny import TINY_CONFIG, tiny_teacher
 
 SENTENCES = [
     "a red ball bounces on the floor", "a blue square slides to the left", "moving shapes in a small video",

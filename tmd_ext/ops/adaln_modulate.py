@@ -1,4 +1,4 @@
-"""`adaln_modulate`: the AdaLN modulation of the head's blocks and the fusion FFN (docs/design.md §3),
+"""`adaln_modulate`: the AdaLN modulation of the head's blocks and the fusion FFN (docs/design.md §3.2),
 ``LayerNorm_noaffine(x)·(1 + scale) + shift`` with per-sample ``shift, scale``."""
 from __future__ import annotations
 

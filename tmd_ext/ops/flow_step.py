@@ -1,4 +1,4 @@
-"""`flow_step`: one inner-flow step ``y_r = y_s - (s-r)·(y1 - head_out)`` (docs/design.md §1, the sign
+"""`flow_step`: one inner-flow step ``y_r = y_s - (s-r)·(y1 - head_out)`` (docs/design.md §1.2, the sign
 fixed: for a constant velocity field the step is exact)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`gated_fusion`: the gated residual fusion of the backbone feature ``m`` with a projected
-feature ``z`` (docs/design.md §3),
+feature ``z`` (docs/design.md §3.2),
 
     out = m + λ ⊙ (z - m),   λ = sigmoid(alpha) · gate[:, None, :].
 

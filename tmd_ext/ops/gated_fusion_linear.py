@@ -1,5 +1,5 @@
 """`gated_fusion_linear`: :mod:`tmd_ext.ops.gated_fusion` with the projection fused in
-(docs/design.md §3),
+(docs/design.md §3.2, §3.6),
 
     out = m + λ ⊙ (z - m),   z = x·weightᵀ + bias,   λ = sigmoid(alpha) · gate[:, None, :],
 

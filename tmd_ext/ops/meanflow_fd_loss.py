@@ -1,4 +1,4 @@
-"""`meanflow_fd_loss`: the TM-MeanFlow loss with the finite-difference target (docs/design.md §2, stage 1).
+"""`meanflow_fd_loss`: the TM-MeanFlow loss with the finite-difference target (docs/design.md §1.4; contract §3.2).
 
 Per sample ``b`` with ``d`` elements::
 

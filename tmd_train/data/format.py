@@ -1,4 +1,4 @@
-"""The one on-disk dataset format every stage reads (DESIGN.md §5).
+"""The one on-disk dataset format every stage reads (docs/design.md §5).
 
 A dataset is a folder::
 

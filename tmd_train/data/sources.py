@@ -5,7 +5,7 @@ negative-prompt embedding ``(text_emb [L, D], text_mask [L])``.
 * :class:`SyntheticSource` — deterministic random latents and text embeddings shaped for a
   teacher config (tests, smoke runs; no files).
 * :class:`ShapesSource` — the toy world's clips rendered on the fly (``data="shapes"``).
-* a dataset folder (DESIGN.md §5) — :class:`~tmd_train.data.format.LatentDataset` and
+* a dataset folder (docs/design.md §5) — :class:`~tmd_train.data.format.LatentDataset` and
   :func:`~tmd_train.data.format.load_negative`.
 
 :func:`collate` stacks items into the batch the objectives read: ``latents [B, C, F, H, W]`` and

@@ -1,4 +1,4 @@
-"""Stage 2: DMD2-v distillation (docs/design.md §1 "Stage 2"), the part every stage-2 method
+"""Stage 2: DMD2-v distillation (docs/design.md §1.5), the part every stage-2 method
 shares; the generator network is the method's (``tmd``: :mod:`.tmd`, ``dmd2v``: :mod:`.dmd2v`).
 
 Models: the generator (the method's), the real score (the frozen teacher, CFG ``dmd.cfg_scale``

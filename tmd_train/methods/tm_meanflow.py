@@ -1,4 +1,4 @@
-"""Stage 1, ``method=tm_meanflow``: TM-MeanFlow pretraining of the flow head (docs/design.md §1).
+"""Stage 1, ``method=tm_meanflow``: TM-MeanFlow pretraining of the flow head (docs/design.md §1.4).
 
 The student (backbone + flow head, initialised from the teacher or from ``init_student``) is
 trained on :func:`~tmd_train.objectives.tm_meanflow.tm_meanflow` with AdamW. Checkpoint files:

@@ -1,5 +1,5 @@
 """The stage-2 GAN discriminator: Conv3D heads on unpatchified frozen-teacher features
-(DESIGN.md §1 "Stage 2"; PAPER_NOTES §1.5 "Discriminator", App. A.3).
+(docs/design.md §1.5 and §2.6; arXiv:2601.09881 App. A.3).
 
 Blocks: the paper uses blocks 15, 22, 29 of the 30-block 1.3B teacher. We read these as 1-based
 block numbers, i.e. the outputs of 0-based ``blocks[14]``, ``blocks[21]``, ``blocks[28]``; for

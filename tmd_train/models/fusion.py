@@ -1,5 +1,5 @@
 """Fusion layers of the flow head: merge the backbone tokens ``m`` with the patch-embedded inner
-state ``e = PatchEmbed(y_s)`` (DESIGN.md §2; paper App. A.1 / B.3).
+state ``e = PatchEmbed(y_s)`` (docs/design.md §2.2; paper App. A.1 / B.3).
 
 Both take ``(m [B, N, D], e [B, N, D], s [B])`` and return the head's input tokens ``h [B, N, D]``.
 """

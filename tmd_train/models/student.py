@@ -351,7 +351,7 @@ class TMDStudent(nn.Module):
     def velocity(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, feats: Features,
                  y1: torch.Tensor) -> torch.Tensor:
         """The mean inner velocity ``u = y1 - head(y_s, s, r; m)`` ``[B, C, F, H, W]`` (dtype of
-        ``y1``), so that ``y_r = y_s - (s-r)·u`` (docs/design.md §1, Eq. 14 with the sign fixed)."""
+        ``y1``), so that ``y_r = y_s - (s-r)·u`` (docs/design.md §1.2, Eq. 14 with the sign fixed)."""
         return y1 - self.head(y_s, s, r, feats).to(y1.dtype)
 
     def _inner_step(self, y: torch.Tensor, s: torch.Tensor, r: torch.Tensor, feats: Features,

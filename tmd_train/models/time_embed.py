@@ -1,4 +1,4 @@
-"""Low-frequency time embeddings of the flow head (DESIGN.md §1, "FD accuracy").
+"""Low-frequency time embeddings of the flow head (docs/design.md §2.5).
 
 Wan embeds time as sinusoids of ``1000·t`` (up to 1000 rad per unit of t). Along such an input a
 central difference at δ = 5e-3 is useless, so the head's extra embeddings of ``s`` and ``s - r``

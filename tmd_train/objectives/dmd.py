@@ -1,5 +1,5 @@
 """Stage 2: DMD2-v with flow-head roll-out — the generator sample, the DMD (VSD) loss and the
-fake-score loss (docs/design.md §1 "Stage 2"; arXiv:2601.09881). The GAN part lives in
+fake-score loss (docs/design.md §1.5; arXiv:2601.09881). The GAN part lives in
 :mod:`tmd_train.models.discriminator`.
 
 Per sample (``x`` clean data, ``x1`` outer noise, ``t`` a student-grid time)::

@@ -1,4 +1,4 @@
-"""Stage 1: TM-MeanFlow (TM-MF) pretraining of the flow head (docs/design.md §1; paper §3.2, Eq. 14–15).
+"""Stage 1: TM-MeanFlow (TM-MF) pretraining of the flow head (docs/design.md §1.4; paper §3.2, Eq. 14–15).
 
 Per sample::
 
@@ -51,7 +51,7 @@ CFG_SOURCES = ("teacher", "student")
 
 @dataclass(frozen=True)
 class TMMeanFlowConfig:
-    """The options of the TM-MF objective (defaults: the paper's 1.3B recipe, docs/design.md §1).
+    """The options of the TM-MF objective (defaults: the paper's 1.3B recipe, docs/design.md §1.4).
 
     Attributes:
         variant: ``"tm_meanflow"`` (TM-MF) or ``"tm"`` (plain transition matching, ``r = s``); in
@@ -137,7 +137,7 @@ def sample_outer_time(batch: int, outer_steps: int, shift: float, t_max: float, 
 
 def sample_inner_times(batch: int, cfg: TMMeanFlowConfig, generator: torch.Generator,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (s, r) sampler of docs/design.md §1: ``s = clip(shift(U, s_shift), s_min, s_max_clip)``;
+    """The (s, r) sampler of docs/design.md §1.4: ``s = clip(shift(U, s_shift), s_min, s_max_clip)``;
     ``r`` = the largest inner-grid point ``≤ s``, replaced by ``s`` with probability
     ``equal_fraction`` (always for ``variant="tm"``). Returns ``(s, r)``, ``[B]`` float64."""
     s = shift_time(uniform(batch, generator, device), cfg.s_shift).clamp(cfg.s_min, cfg.s_max_clip)

@@ -96,7 +96,7 @@ def sample_tmd(student: TMDStudent, text: torch.Tensor, *, noise: torch.Tensor |
                shape: Sequence[int] | None = None, generator: torch.Generator | None = None,
                M: int = 2, N: int = 2, outer_shift: float = 10.0, inner_shift: float = 10.0,
                t_max: float = 0.999, s_max: float = 0.999) -> Sample:
-    """TMD sampling, Algorithm 1 (docs/design.md §1)::
+    """TMD sampling, Algorithm 1 (docs/design.md §1.7)::
 
         x = noise                                   # at t_M = t_max
         for i = M..1:  m = backbone(x, t_i);  y1 ~ N(0, I) (fresh);  y = y1

@@ -1,4 +1,4 @@
-"""The procedural "moving shapes" video world: the embedded default's data (docs/design.md §4).
+"""The procedural "moving shapes" video world: the embedded default's data (docs/design.md §4.5).
 
 A clip is ``[3, F, H, W]`` RGB in ``[-1, 1]`` (float32), by default ``F = 8`` frames of ``32 × 32``
 pixels — small enough that a tiny teacher trains on a CPU. It shows one object (or, with
