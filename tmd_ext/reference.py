@@ -3,6 +3,7 @@ provider of the benchmarks. Same contracts as the ops (docs/design.md §3.2–§
 for fp64 inputs), output in the input dtype."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -90,5 +91,5 @@ def meanflow_fd_loss(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c: float):
     u_hat = torch.where(_per_sample(fd, u), u_hat, v.to(acc))
     delta = u.to(acc) - u_hat.detach()
     delta_sq = delta.square().flatten(1).sum(1)
-    d = delta[0].numel()
+    d = math.prod(delta.shape[1:])
     return delta_sq / (delta_sq.detach() + c), delta_sq / d

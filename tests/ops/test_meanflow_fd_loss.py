@@ -261,7 +261,7 @@ def test_bad_input(gen):
         ((*with_(6, sp[None]), 1.0), "s_plus"),
         ((*with_(7, sm.int()), 1.0), "s_minus"),
         ((*with_(0, u.int()), 1.0), "u"),
-        ((u[:0], up[:0], um[:0], v[:0], s[:0], r[:0], sp[:0], sm[:0], 1.0), "u"),
+        ((u[:, :0], up[:, :0], um[:, :0], v[:, :0], s, r, sp, sm, 1.0), "u"),
         ((torch.tensor(1.0), up, um, v, s, r, sp, sm, 1.0), "u"),
         ((*ok, 0.0), "c"),
         ((*ok, -1.0), "c"),
@@ -274,6 +274,9 @@ def test_bad_input(gen):
             tmd_ext.meanflow_fd_loss(*args)
         with pytest.raises(RuntimeError, match=name):  # the C++ checks, for direct op callers
             torch.ops.tmd.meanflow_fd_loss(*args)
+    # an empty batch: the public function returns the reference's result (test_empty); the kernels reject it
+    with pytest.raises(RuntimeError, match="u"):
+        torch.ops.tmd.meanflow_fd_loss(u[:0], up[:0], um[:0], v[:0], s[:0], r[:0], sp[:0], sm[:0], 1.0)
     with pytest.raises(TypeError, match="c"):
         tmd_ext.meanflow_fd_loss(*ok, torch.tensor(1.0))
 

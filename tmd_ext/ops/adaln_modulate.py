@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from . import checks
+from .. import reference
+from . import checks, higher_order
 
 
 def _check(x, shift, scale, eps) -> None:
@@ -18,7 +19,6 @@ def _check(x, shift, scale, eps) -> None:
     checks.same_device(shift, "shift", x, "x")
     checks.same_device(scale, "scale", x, "x")
     checks.dim(x, 3, "x", "[B, T, D]")
-    checks.nonempty(x, "x")
     checks.shape(shift, (x.shape[0], x.shape[2]), "shift")
     checks.shape(scale, (x.shape[0], x.shape[2]), "scale")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
@@ -39,9 +39,13 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
         eps: finite, ``>= 0``; added to the variance.
     Returns:
         ``[B, T, D]`` in the dtype of ``x``; arithmetic in fp32 (fp64 for fp64 inputs), rounded once.
-    Gradients flow to ``x``, ``shift`` and ``scale``.
+    Gradients flow to ``x``, ``shift`` and ``scale``, to every order (docs/design.md §3.4). Empty
+    ``x`` (``B``, ``T`` or ``D`` zero) gives the reference's result: an empty output, and zero
+    gradients for ``shift`` and ``scale`` where ``T = 0``.
     """
     _check(x, shift, scale, eps)
+    if x.numel() == 0:  # nothing for a kernel to do
+        return reference.adaln_modulate(x, shift, scale, eps)
     out, _, _ = torch.ops.tmd.adaln_modulate(x, shift, scale, float(eps))
     return out
 
@@ -65,15 +69,26 @@ def _(grad_out, x, scale, mean, rstd):
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, scale, _ = inputs
+    x, shift, scale, eps = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.eps = eps
+    ctx.save_for_backward(x, shift, scale, mean, rstd)
 
 
 def _backward(ctx, grad_out, grad_mean, grad_rstd):
-    x, scale, mean, rstd = ctx.saved_tensors
-    grad_x, grad_shift, grad_scale = torch.ops.tmd.adaln_modulate_backward(grad_out, x, scale, mean, rstd)
+    x, shift, scale, mean, rstd = ctx.saved_tensors
+
+    def kernel():
+        return torch.ops.tmd.adaln_modulate_backward(grad_out, x, scale, mean, rstd)
+
+    if higher_order.recording():  # create_graph=True: differentiable gradients (§3.4)
+        grads = higher_order.kernel_grads(
+            kernel, lambda x_, shift_, scale_: reference.adaln_modulate(x_, shift_, scale_, ctx.eps),
+            (x, shift, scale), grad_out)
+    else:
+        grads = kernel()
+    grad_x, grad_shift, grad_scale = grads
     return grad_x, grad_shift, grad_scale, None
 
 

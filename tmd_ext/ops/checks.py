@@ -37,11 +37,6 @@ def shape(x: torch.Tensor, expected, name: str) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
 
 
-def nonempty(x: torch.Tensor, name: str) -> None:
-    if x.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-
-
 def zero_dim(x: torch.Tensor, name: str) -> None:
     if x.dim() != 0:
         raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(x.shape)}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import checks
+from .. import reference
+from . import checks, higher_order
 
 
 def _check(y, head_out, y1, s, r) -> None:
@@ -19,7 +20,6 @@ def _check(y, head_out, y1, s, r) -> None:
         checks.same_device(t, n, y, "y")
     if y.dim() < 1:
         raise ValueError("y must be [B, ...] with at least 1 dimension, got a 0-d tensor")
-    checks.nonempty(y, "y")
     checks.shape(head_out, y.shape, "head_out")
     checks.shape(y1, y.shape, "y1")
     checks.shape(s, (y.shape[0],), "s")
@@ -36,9 +36,12 @@ def flow_step(y: torch.Tensor, head_out: torch.Tensor, y1: torch.Tensor, s: torc
         s, r: ``[B]`` per-sample times, float32 or float64.
     Returns:
         ``[B, ...]`` in the dtype of ``y``; arithmetic in fp32 (fp64 for fp64 inputs).
-    Gradients flow to ``y``, ``head_out`` and ``y1`` (not to the times).
+    Gradients flow to ``y``, ``head_out`` and ``y1`` (not to the times), to every order
+    (docs/design.md §3.4). Empty ``y`` (``B`` or a trailing size zero) gives an empty output.
     """
     _check(y, head_out, y1, s, r)
+    if y.numel() == 0:  # nothing for a kernel to do
+        return reference.flow_step(y, head_out, y1, s, r)
     return torch.ops.tmd.flow_step(y, head_out, y1, s, r)
 
 
@@ -60,7 +63,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     s, r = ctx.saved_tensors
-    grad_head_out, grad_y1 = torch.ops.tmd.flow_step_backward(grad_out, s, r)
+
+    def kernel():
+        return torch.ops.tmd.flow_step_backward(grad_out, s, r)
+
+    if higher_order.recording():  # create_graph=True: differentiable gradients (§3.4)
+        # linear in (head_out, y1): the Jacobian does not depend on the point, so grad_out (its
+        # shape and dtype) serves as the primals
+        s_, r_ = s.detach(), r.detach()
+        point = grad_out.detach()
+        grad_head_out, grad_y1 = higher_order.kernel_grads(
+            kernel, lambda h, y1: reference.flow_step(point, h, y1, s_, r_), (point, point), grad_out)
+    else:
+        grad_head_out, grad_y1 = kernel()
     return grad_out, grad_head_out, grad_y1, None, None
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import checks
+from .. import reference
+from . import checks, higher_order
 
 
 def _check(m, z, gate, alpha) -> None:
@@ -20,7 +21,6 @@ def _check(m, z, gate, alpha) -> None:
     for t, n in ((z, "z"), (gate, "gate"), (alpha, "alpha")):
         checks.same_device(t, n, m, "m")
     checks.dim(m, 3, "m", "[B, T, D]")
-    checks.nonempty(m, "m")
     checks.shape(z, m.shape, "z")
     checks.shape(gate, (m.shape[0], m.shape[2]), "gate")
     checks.zero_dim(alpha, "alpha")
@@ -37,9 +37,13 @@ def gated_fusion(m: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, alpha: to
     Returns:
         ``[B, T, D]`` in the input dtype; arithmetic in fp32 (fp64 for fp64 inputs).
     Gradients flow to ``m``, ``z``, ``gate`` and ``alpha`` (those of gate and alpha are summed over
-    the tokens deterministically).
+    the tokens deterministically), to every order (docs/design.md §3.4). Empty ``m`` (``B``, ``T``
+    or ``D`` zero) gives the reference's result: an empty output, zero gradients where the sums over
+    tokens are empty.
     """
     _check(m, z, gate, alpha)
+    if m.numel() == 0:  # nothing for a kernel to do
+        return reference.gated_fusion(m, z, gate, alpha)
     return torch.ops.tmd.gated_fusion(m, z, gate, alpha)
 
 
@@ -63,7 +67,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     m, z, gate, alpha = ctx.saved_tensors
-    return torch.ops.tmd.gated_fusion_backward(grad_out, m, z, gate, alpha)
+
+    def kernel():
+        return torch.ops.tmd.gated_fusion_backward(grad_out, m, z, gate, alpha)
+
+    if higher_order.recording():  # create_graph=True: differentiable gradients (§3.4)
+        return higher_order.kernel_grads(kernel, reference.gated_fusion, (m, z, gate, alpha), grad_out)
+    return kernel()
 
 
 torch.library.register_autograd("tmd::gated_fusion", _backward, setup_context=_setup_context)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import checks
+from .. import reference
+from . import checks, higher_order
 
 
 def _check(m, x, weight, bias, gate, alpha) -> None:
@@ -24,8 +25,6 @@ def _check(m, x, weight, bias, gate, alpha) -> None:
     checks.dim(m, 3, "m", "[B, T, D]")
     checks.dim(x, 3, "x", "[B, T, K]")
     checks.dim(weight, 2, "weight", "[D, K]")
-    checks.nonempty(m, "m")
-    checks.nonempty(x, "x")
     b, t, d = m.shape
     k = x.shape[2]
     checks.shape(x, (b, t, k), "x")
@@ -48,9 +47,13 @@ def gated_fusion_linear(m: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         gate: ``[B, D]``; alpha: 0-d. All one dtype among fp32, bf16, fp16, fp64, on one device.
     Returns:
         ``[B, T, D]`` in the input dtype. The GEMM accumulates in fp32 (fp64 for fp64).
-    Gradients flow to ``m``, ``x``, ``weight``, ``bias``, ``gate`` and ``alpha``.
+    Gradients flow to ``m``, ``x``, ``weight``, ``bias``, ``gate`` and ``alpha``, to every order
+    (docs/design.md §3.4). Empty ``m`` or ``x`` (``B``, ``T``, ``D`` or ``K`` zero) gives the
+    reference's result; with ``K = 0`` only, ``z = bias`` (zero without bias) and the output is not empty.
     """
     _check(m, x, weight, bias, gate, alpha)
+    if m.numel() == 0 or x.numel() == 0:  # nothing for a kernel to do (K = 0: z = bias)
+        return reference.gated_fusion_linear(m, x, weight, bias, gate, alpha)
     return torch.ops.tmd.gated_fusion_linear(m, x, weight, bias, gate, alpha)
 
 
@@ -77,9 +80,22 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     m, x, weight, bias, gate, alpha = ctx.saved_tensors
-    grads = torch.ops.tmd.gated_fusion_linear_backward(grad_out, m, x, weight, bias, gate, alpha)
-    grad_m, grad_x, grad_weight, grad_bias, grad_gate, grad_alpha = grads
-    return grad_m, grad_x, grad_weight, grad_bias if ctx.has_bias else None, grad_gate, grad_alpha
+
+    def kernel():
+        grads = torch.ops.tmd.gated_fusion_linear_backward(grad_out, m, x, weight, bias, gate, alpha)
+        return grads if ctx.has_bias else grads[:3] + grads[4:]
+
+    if higher_order.recording():  # create_graph=True: differentiable gradients (§3.4)
+        if ctx.has_bias:
+            grads = higher_order.kernel_grads(kernel, reference.gated_fusion_linear,
+                                              (m, x, weight, bias, gate, alpha), grad_out)
+        else:
+            grads = higher_order.kernel_grads(
+                kernel, lambda m_, x_, w_, g_, a_: reference.gated_fusion_linear(m_, x_, w_, None, g_, a_),
+                (m, x, weight, gate, alpha), grad_out)
+    else:
+        grads = kernel()
+    return tuple(grads) if ctx.has_bias else (*grads[:3], None, *grads[3:])
 
 
 torch.library.register_autograd("tmd::gated_fusion_linear", _backward, setup_context=_setup_context)

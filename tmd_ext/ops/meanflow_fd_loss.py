@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from . import checks
+from .. import reference
+from . import checks, higher_order
 
 
 def _check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c) -> None:
@@ -30,7 +31,8 @@ def _check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c) -> None:
         checks.same_device(t, n, u, "u")
     if u.dim() < 1:
         raise ValueError("u must be [B, ...] with at least 1 dimension, got a 0-d tensor")
-    checks.nonempty(u, "u")
+    if math.prod(u.shape[1:]) == 0:  # mse = ‖Δ‖²/d is 0/0
+        raise ValueError(f"u must have at least one element per sample, got shape {tuple(u.shape)}")
     for t, n in ((u_plus, "u_plus"), (u_minus, "u_minus"), (v, "v")):
         checks.shape(t, u.shape, n)
     for t, n in ((s, "s"), (r, "r"), (s_plus, "s_plus"), (s_minus, "s_minus")):
@@ -62,9 +64,13 @@ def meanflow_fd_loss(u: torch.Tensor, u_plus: torch.Tensor, u_minus: torch.Tenso
         it is not rounded to a 16-bit input dtype. Arithmetic in fp32 (fp64); non-contiguous
         inputs are read through a contiguous copy.
     Gradients flow to ``u`` only, from both outputs: ``∂loss/∂u = 2Δ/(‖Δ‖²+c)``,
-    ``∂mse/∂u = 2Δ/d`` (the target ``û`` and the loss denominator are stop-gradient).
+    ``∂mse/∂u = 2Δ/d`` (the target ``û`` and the loss denominator are stop-gradient); to every
+    order, the stop-gradients held constant (docs/design.md §3.4). An empty batch (``B = 0``) gives
+    empty ``loss`` and ``mse``; ``d = 0`` is rejected.
     """
     _check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c)
+    if u.shape[0] == 0:  # nothing for a kernel to do
+        return reference.meanflow_fd_loss(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c)
     return torch.ops.tmd.meanflow_fd_loss(u, u_plus, u_minus, v, s, r, s_plus, s_minus, float(c))
 
 
@@ -90,8 +96,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_mse):
     u, u_plus, u_minus, v, s, r, s_plus, s_minus, mse = ctx.saved_tensors
-    grad_u = torch.ops.tmd.meanflow_fd_loss_backward(grad_loss, grad_mse, u, u_plus, u_minus, v, s, r,
-                                                     s_plus, s_minus, mse, ctx.c)
+
+    def kernel():
+        return (torch.ops.tmd.meanflow_fd_loss_backward(grad_loss, grad_mse, u, u_plus, u_minus, v, s, r,
+                                                        s_plus, s_minus, mse, ctx.c),)
+
+    if higher_order.recording():  # create_graph=True: differentiable gradients (§3.4)
+        rest = tuple(t.detach() for t in (u_plus, u_minus, v, s, r, s_plus, s_minus))
+        (grad_u,) = higher_order.kernel_grads(
+            kernel, lambda u_: reference.meanflow_fd_loss(u_, *rest, ctx.c), (u,), (grad_loss, grad_mse))
+    else:
+        (grad_u,) = kernel()
     return grad_u, None, None, None, None, None, None, None, None
 
 
