@@ -8,11 +8,14 @@ getting the target's total derivative du/ds, plus the plain-TM step as the floor
 * ``naive``  — two separate no-grad head passes (s+δ, s-δ) over all B rows, no row selection
 * ``tm``     — no derivative at all (r = s on every row): the cost floor
 
-All four share the backbone pass with gradients, the CFG pass of the frozen teacher and the loss
-op. Time: median wall ms; memory: peak bytes allocated during the step (CUDA:
+All four share the backbone pass with gradients, the no-grad unconditional pass of the default
+guidance (``cfg_source="student"``: the student's own r = s prediction with the negative prompt,
+a second backbone pass) and the loss op; the derivative is taken along the guided velocity v_g.
+Time: median wall ms; memory: peak bytes allocated during the step (CUDA:
 ``max_memory_allocated``; CPU: torch profiler allocation events); ratios are provider / fused.
+The FD pass's share of a step is ``(fused - tm) / fused``.
 
-Then the accuracy of the FD derivative at δ = 5e-3 against the exact float64 JVP, per-sample
+Then the accuracy of the FD derivative at δ = 5e-3 (along v_g) against the exact float64 JVP, per-sample
 relative error ‖FD - exact‖/‖exact‖ (median and max over rows), on the same student in float32,
 under bf16 autocast (``fd_autocast=True``), and the default mixed-precision path (bf16 backbone
 features, FD pass at float32 weights), for the default head time embedding (ω_max = 10 rad/unit)
@@ -33,7 +36,7 @@ import torch
 from common import RESULTS, device_name, parser, sync, time_ms
 
 import tmd_ext
-from tmd_train.models import TMDStudent, load_teacher, teacher_velocity
+from tmd_train.models import TMDStudent, load_teacher
 from tmd_train.objectives.tm_meanflow import (
     TMMeanFlowConfig,
     cfg_target,
@@ -43,6 +46,7 @@ from tmd_train.objectives.tm_meanflow import (
     sample_inner_times,
     sample_outer_time,
     select_features,
+    unconditional_velocity,
 )
 
 PROVIDERS = ("fused", "jvp", "naive", "tm")
@@ -100,13 +104,12 @@ def step(provider: str, student: TMDStudent, teacher, d: dict, cfg: TMMeanFlowCo
     """Forward + backward of one TM-MF step with the given derivative provider."""
     s, r = d["s"], d["r"]
     feats = student.backbone(d["x_t"], d["t"], d["text"])
-    with torch.no_grad():
-        u_unc = d["y1"] - teacher_velocity(teacher, d["x_t"], d["t"], d["neg"])
-    v_g = cfg_target(d["v_in"], u_unc, cfg.cfg_scale)
+    u_unc = unconditional_velocity(student, teacher, cfg.cfg_source, d["x_t"], d["t"], d["neg"], d["y_s"], s, d["y1"])
+    v_g = cfg_target(d["v_in"], u_unc.to(d["v_in"].dtype), cfg.cfg_scale)
     c = float(d["y1"][0].numel())
     sp, sm = fd_times(s, cfg.delta)
     if provider == "jvp":
-        u, du = exact_total_derivative(student, feats, d["y_s"], d["v_in"], d["y1"], s, r)
+        u, du = exact_total_derivative(student, feats, d["y_s"], v_g, d["y1"], s, r)
         loss, _ = loss_from_derivative(u, du.detach(), v_g, s, r, c)
     else:
         r_used = s if provider == "tm" else r
@@ -115,7 +118,7 @@ def step(provider: str, student: TMDStudent, teacher, d: dict, cfg: TMMeanFlowCo
         fp32 = torch.autocast(u.device.type, enabled=False)   # the FD passes run at the weights' precision
         if provider == "fused":
             rows = (r != s).nonzero().squeeze(1)
-            pick = [z.index_select(0, rows) for z in (d["y_s"], d["v_in"], d["y1"], s, r, sp, sm)]
+            pick = [z.index_select(0, rows) for z in (d["y_s"], v_g, d["y1"], s, r, sp, sm)]
             with fp32:
                 up, um = fd_head_pass(student, select_features(feats, rows, dtype=student.dtype), *pick)
             u_plus.index_copy_(0, rows, up)
@@ -123,9 +126,9 @@ def step(provider: str, student: TMDStudent, teacher, d: dict, cfg: TMMeanFlowCo
         elif provider == "naive":
             with torch.no_grad(), fp32:
                 fixed = select_features(feats, torch.arange(u.shape[0], device=u.device), dtype=student.dtype)
-                u_plus = student.velocity(d["y_s"] + (sp - s).float().view(-1, 1, 1, 1, 1) * d["v_in"], sp, r,
+                u_plus = student.velocity(d["y_s"] + (sp - s).float().view(-1, 1, 1, 1, 1) * v_g, sp, r,
                                           fixed, d["y1"])
-                u_minus = student.velocity(d["y_s"] + (sm - s).float().view(-1, 1, 1, 1, 1) * d["v_in"], sm, r,
+                u_minus = student.velocity(d["y_s"] + (sm - s).float().view(-1, 1, 1, 1, 1) * v_g, sm, r,
                                            fixed, d["y1"])
         loss, _ = tmd_ext.meanflow_fd_loss(u, u_plus, u_minus, v_g, s, r_used, sp, sm, c)
     loss.mean().backward()
@@ -177,11 +180,14 @@ def peak_bytes(fn, device: str) -> int:
 # ---------------------------------------------------------------------------- accuracy
 def fd_errors(config: dict, head_blocks: int, batch: int, latent, text_len: int, cfg: TMMeanFlowConfig,
               **student_options) -> dict[str, tuple[float, float]]:
-    """Relative error of the FD derivative vs the exact float64 JVP at the same features."""
+    """Relative error of the FD derivative (along the guided v_g) vs the exact float64 JVP at the same
+    features."""
     cpu = "cpu"
     _, student = build(config, head_blocks, cpu, **student_options)
     d = draws(batch, latent, text_len, config["text_dim"], dataclasses.replace(cfg, equal_fraction=0.0), cpu, seed=3)
     s, r = d["s"], d["r"]
+    u_unc = unconditional_velocity(student, None, "student", d["x_t"], d["t"], d["neg"], d["y_s"], s, d["y1"])
+    v_g = cfg_target(d["v_in"], u_unc, cfg.cfg_scale)
     sp, sm = fd_times(s, cfg.delta)
     out = {}
     s64 = copy.deepcopy(student).double()
@@ -190,7 +196,7 @@ def fd_errors(config: dict, head_blocks: int, batch: int, latent, text_len: int,
         feats = dataclasses.replace(feats32, m=feats32.m.double(), temb=feats32.temb.double(),
                                     timestep_proj=feats32.timestep_proj.double(), text=feats32.text.double())
         with torch.no_grad():
-            _, du = exact_total_derivative(s64, feats, d["y_s"].double(), d["v_in"].double(), d["y1"].double(), s, r)
+            _, du = exact_total_derivative(s64, feats, d["y_s"].double(), v_g.double(), d["y1"].double(), s, r)
         return du
 
     def rel(fd, du):
@@ -200,16 +206,16 @@ def fd_errors(config: dict, head_blocks: int, batch: int, latent, text_len: int,
     den = (sp - sm).float().view(-1, 1, 1, 1, 1)
     with torch.no_grad():
         feats = student.backbone(d["x_t"], d["t"], d["text"])
-        up, um = fd_head_pass(student, feats, d["y_s"], d["v_in"], d["y1"], s, r, sp, sm)
+        up, um = fd_head_pass(student, feats, d["y_s"], v_g, d["y1"], s, r, sp, sm)
         out["float32"] = rel((up - um) / den, exact(feats))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             feats_bf = student.backbone(d["x_t"], d["t"], d["text"])
-            up, um = fd_head_pass(student, feats_bf, d["y_s"], d["v_in"], d["y1"], s, r, sp, sm)
+            up, um = fd_head_pass(student, feats_bf, d["y_s"], v_g, d["y1"], s, r, sp, sm)
         du_bf = exact(select_features(feats_bf, torch.arange(batch), dtype=torch.float32))
         out["bf16 autocast (fd_autocast=True)"] = rel((up.float() - um.float()) / den, du_bf)
         with torch.autocast("cpu", enabled=False):
             f32 = select_features(feats_bf, torch.arange(batch), dtype=torch.float32)
-            up, um = fd_head_pass(student, f32, d["y_s"], d["v_in"], d["y1"], s, r, sp, sm)
+            up, um = fd_head_pass(student, f32, d["y_s"], v_g, d["y1"], s, r, sp, sm)
         out["bf16 features, FD at fp32 (default)"] = rel((up - um) / den, du_bf)
     return out
 
@@ -258,6 +264,9 @@ def main() -> None:
     for row in rows:
         print(f"{row['provider']:<8} {row['ms_min']:>10.1f} {row['ms_median']:>10.1f} {row['peak_mb']:>10.1f} "
               f"{row['time_vs_fused']:>11.2f} {row['mem_vs_fused']:>10.2f}")
+    tm_row = next(row for row in rows if row["provider"] == "tm")
+    fd_share = 1 - tm_row["ms_min"] / fused["ms_min"]
+    print(f"FD pass ({2 * n_fd} head rows on top of {batch}): {100 * fd_share:.1f}% of the fused step (min ms)")
 
     tiny = wan_config(2, 16, 4, 32)
     errors = {}
@@ -277,8 +286,8 @@ def main() -> None:
             "bench": "tm_mf", "device": device_name(dev), "torch": torch.__version__,
             "date": now.isoformat(timespec="seconds"), "build_info": tmd_ext.build_info(),
             "config": {"wan": config, "head_blocks": H, "batch": batch, "latent": list(latent), "rows_fd": n_fd},
-            "rows": rows, "fd_errors": {k: {p: {"median": m, "max": x} for p, (m, x) in v.items()}
-                                        for k, v in errors.items()},
+            "rows": rows, "fd_share_of_step": fd_share,
+            "fd_errors": {k: {p: {"median": m, "max": x} for p, (m, x) in v.items()} for k, v in errors.items()},
         }, indent=1))
         print(f"saved {path}")
 

@@ -1,5 +1,6 @@
 """Layering of the packages: the Python side of the ops never imports the method package; the models
-import nothing above them (no samplers, objectives or trainers); the engine never imports a method or
+import nothing above them (no samplers, objectives or trainers; only the leaf module
+``tmd_train.errors``, which imports nothing of the package); the engine never imports a method or
 an entry point; methods never import the entry points; and no module imports another module's
 private names."""
 from __future__ import annotations
@@ -50,7 +51,8 @@ def test_ops_do_not_import_tmd_train(path):
 
 @pytest.mark.parametrize("path", py_files(PACKAGE / "models"), ids=ids)
 def test_models_import_only_downward(path):
-    upward = sorted(m for m in modules(path) if m.startswith("tmd_train.") and not m.startswith("tmd_train.models"))
+    upward = sorted(m for m in modules(path) if m.startswith("tmd_train.")
+                    and not m.startswith(("tmd_train.models", "tmd_train.errors")))
     assert not upward, f"{path.name} imports {upward}"
 
 
@@ -75,6 +77,10 @@ def test_no_private_imports():
            for name in names
            if name.startswith("_") and not name.startswith("__") and (module, name) not in own_build]
     assert not bad, "\n".join(bad)
+
+
+def test_errors_is_a_leaf():
+    assert not any(m.split(".")[0] == "tmd_train" for m in modules(PACKAGE / "errors.py"))
 
 
 def test_student_has_no_sampler():

@@ -22,13 +22,15 @@ from tqdm.auto import tqdm
 
 from .data.format import DatasetWriter
 from .data.sources import masked_text, open_source
+from .engine.cli import BUILTIN_DATA, ArgumentParser, check_dataset, check_output_dir, check_teacher_folder
 from .engine.seeding import derive_seed
+from .errors import MissingFileError, OutputError, UserError, check_device, run_main
 from .models.teacher import load_teacher
 from .sampling import sample_teacher
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tmd_train.kd_pairs", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m tmd_train.kd_pairs", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", required=True, help="Wan2.1 diffusers / transformer folder, or 'toy' (shipped)")
     p.add_argument("--data", required=True, help="prompt source: 'shapes', 'synthetic' or a latents dataset folder")
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent (F, H, W) of data=synthetic")
     p.add_argument("--text-len", type=int, default=8, help="text length of data=synthetic")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="storage dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     return p
 
 
@@ -79,24 +82,29 @@ def make_pairs(teacher: torch.nn.Module, source, negative: tuple[torch.Tensor, t
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Write the pairs; user errors raise :class:`~tmd_train.errors.UserError` before the teacher loads."""
     args = build_parser().parse_args(argv)
     for name in ("n", "steps", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.data_samples is not None and args.data_samples < 1:
+        raise UserError(f"--data-samples must be >= 1, got {args.data_samples}")
     if Path(args.out).exists():
-        print(f"error: --out {args.out} already exists", file=sys.stderr)
-        return 2
+        raise OutputError(f"--out {args.out} already exists; pass a new folder (nothing is overwritten)")
+    check_output_dir(args.out, "--out")
+    device = check_device(args.device)
     if args.teacher == "toy":
         from .toy import require_toy_teacher
         try:
             teacher_path = require_toy_teacher()
         except FileNotFoundError as e:
-            print(f"error: --teacher toy: {e}", file=sys.stderr)
-            return 2
+            raise MissingFileError(f"--teacher toy: {e}") from None
     else:
+        check_teacher_folder(args.teacher, "--teacher")
         teacher_path = Path(args.teacher)
-    teacher = load_teacher(teacher_path, torch_dtype=torch.float32, device=args.device).requires_grad_(False)
+    if args.data not in BUILTIN_DATA:
+        check_dataset(args.data, "--data", "latents")
+    teacher = load_teacher(teacher_path, torch_dtype=torch.float32, device=device).requires_grad_(False)
     tcfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in teacher.config.items() if not k.startswith("_")}
     source, negative = open_source(args.data, teacher_config=tcfg, synthetic_samples=args.data_samples or args.n,
                                    synthetic_latent_size=args.latent_size, synthetic_text_len=args.text_len,
@@ -109,4 +117,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -6,22 +6,33 @@
   by ``TMDStudent.save_pretrained``): Algorithm 1 with ``--steps`` outer steps M and
   ``--inner-steps`` N (the inner flow through ``tmd_ext.FlowHeadLoop`` with ``--loop``, the default
   on CUDA); or
-* a Wan2.1 diffusers folder (``model_index.json`` + ``transformer/``, the teacher baseline):
-  flow-matching Euler with ``--steps`` steps and classifier-free guidance ``--cfg``; or
+* a Wan2.1 diffusers folder (``model_index.json`` + ``transformer/``) or a plain transformer folder
+  (``config.json`` of a ``WanTransformer3DModel``), the teacher baseline: flow-matching Euler with
+  ``--steps`` steps and classifier-free guidance ``--cfg``; or
 * a stage-2 DMD2-v student (a Wan transformer folder with ``tmd_sampling.json`` saying
   ``"method": "dmd2v"``): the plain few-step sampler (no CFG).
 
 A ``tmd_sampling.json`` in the folder (written by ``python -m tmd_train.stage2``) supplies the
 defaults of a distilled model: outer steps M, inner steps N and the grid shifts it was trained for.
 
-The prompt is encoded with ``text_encoder/`` (``UMT5EncoderModel``) and ``tokenizer/`` found in the
-model folder or in ``--components DIR`` (a Wan diffusers folder) by
+**Wan world.** The prompt is encoded with ``text_encoder/`` (``UMT5EncoderModel``) and ``tokenizer/``
+found in the model folder or in ``--components DIR`` (a Wan diffusers folder) by
 :class:`~tmd_train.text.umt5.PromptEncoder`, as diffusers' ``WanPipeline`` does (padded to
 ``--max-text-len`` tokens, zeros after the prompt), or read from ``--prompt-embeds FILE.safetensors``
 (key ``text_emb`` ``[L, D]``). The latents are decoded with ``vae/`` (``AutoencoderKLWan``) into an
 mp4 (imageio-ffmpeg); ``--out X.safetensors`` (the only choice without a VAE) writes the latents
-instead (key ``latents`` ``[1, C, F, H, W]``). Everything is loaded with ``local_files_only``:
-nothing is downloaded. Prints the measured NFE and the sampling time.
+instead (key ``latents`` ``[1, C, F, H, W]``).
+
+**Toy world** (docs/design.md §4.5: the shipped toy teacher ``tmd_train/toy/assets/toy_teacher`` and the
+students trained from it; recognised from the model's config, or forced with ``--world toy``). Every
+``--prompt`` (repeat it for several) must be a toy prompt such as ``"a red circle moving left"``; it is
+encoded by :mod:`tmd_train.toy.text_encoder` and the negative prompt is the empty one. The model samples
+pixel clips ``[3, 8, 32, 32]`` in [-1, 1] directly (no VAE), written as a PNG grid (``--out X.png``: a row
+per prompt, frames left to right), an animated GIF (``--out X.gif``: every prompt side by side) and/or the
+clips (``--out X.safetensors``, key ``latents`` ``[P, 3, 8, 32, 32]``); ``--out`` may be repeated.
+
+Everything is loaded with ``local_files_only``: nothing is downloaded. Prints the measured NFE and the
+sampling time. A user error prints one line ``error: …`` and exits with status 2 (``--debug``: traceback).
 """
 from __future__ import annotations
 
@@ -29,8 +40,9 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,55 +50,74 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from .errors import ArgumentParser, OutputError, UserError, run_main
 from .models import TMDStudent, load_teacher
 from .models.student import CONFIG_NAME, FORMAT
 from .sampling import Sample, sample_few_step, sample_teacher, sample_tmd, sample_tmd_looped
-from .text.umt5 import PromptEncoder
+from .toy import TOY_CLIP_SHAPE, text_encoder, toy_config_mismatch
+from .toy.clips import COLOURS, DIRECTIONS, SHAPES, parse_prompt
 
 SAMPLING_FILE = "tmd_sampling.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WORLDS = ("auto", "toy", "wan")
 # Wan's VAE: 4x temporal, 8x spatial compression (used when the folder has no VAE config).
 DEFAULT_SCALE_TEMPORAL = 4
 DEFAULT_SCALE_SPATIAL = 8
-
-
-class CLIError(Exception):
-    """A user error: printed as ``error: ...`` with exit status 2."""
+# Wan video defaults (480p, 81 frames at 16 fps); the toy world's clips are fixed at 8 x 32 x 32.
+DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_FRAMES, DEFAULT_FPS = 480, 832, 81, 16
+DEFAULT_GIF_FPS = 6
+#: Teacher sampling defaults (docs/design.md §1.7; the toy demo samples its teacher the same way).
+TEACHER_STEPS, TEACHER_CFG = 50, 5.0
+TOY_SUFFIXES = (".png", ".gif", ".safetensors")
+TOY_GRAMMAR = ("a toy prompt is 'a <colour> <shape> moving <direction>', optionally followed by ' and a <colour> "
+               f"<shape> moving <direction>'; colours: {', '.join(COLOURS)}; shapes: {', '.join(SHAPES)}; "
+               f"directions: {', '.join(DIRECTIONS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tmd_train.sample", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m tmd_train.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="TMD student folder or Wan2.1 diffusers folder")
-    p.add_argument("--prompt", default=None, help="text prompt (needs a text encoder)")
+    p.add_argument("--model", required=True,
+                   help="TMD student folder, Wan2.1 diffusers folder or transformer folder (Wan or toy world)")
+    p.add_argument("--world", choices=WORLDS, default="auto",
+                   help="toy: the moving-shapes world (pixel clips, toy prompts); wan: Wan2.1 latents; auto: toy "
+                        "when the model's config fits the toy world")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text prompt (Wan: one, needs a text encoder; toy: repeat for several clips)")
     p.add_argument("--prompt-embeds", default=None,
-                   help="precomputed prompt embedding: .safetensors with key text_emb [L, D]")
+                   help="precomputed prompt embedding: .safetensors with key text_emb [L, D] (Wan world)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (teacher CFG)")
     p.add_argument("--negative-prompt-embeds", default=None,
-                   help="precomputed negative-prompt embedding (.safetensors, key text_emb [L, D])")
+                   help="precomputed negative-prompt embedding (.safetensors, key text_emb [L, D]; Wan world)")
     p.add_argument("--components", default=None,
                    help="Wan diffusers folder supplying text_encoder/, tokenizer/ and vae/ when --model lacks them")
     p.add_argument("--steps", type=int, default=None,
-                   help="outer steps M of a student (default: its tmd_sampling.json, else 2) or Euler steps of "
-                        "the teacher (default 50)")
+                   help="outer steps M of a student (default: its tmd_sampling.json, else 2; a DMD2-v student "
+                        f"else 4) or Euler steps of the teacher (default {TEACHER_STEPS})")
     p.add_argument("--inner-steps", type=int, default=None,
                    help="inner flow-head steps N (student; default: its tmd_sampling.json, else 2)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale of the teacher (default 5.0)")
+    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale of the teacher (default {TEACHER_CFG})")
     p.add_argument("--shift", type=float, default=None,
                    help="timestep shift of the grid (default: 10 student outer grid, 5 teacher)")
     p.add_argument("--inner-shift", type=float, default=None,
                    help="timestep shift of the inner grid (student; default 10)")
-    p.add_argument("--height", type=int, default=480, help="video height in pixels")
-    p.add_argument("--width", type=int, default=832, help="video width in pixels")
-    p.add_argument("--frames", type=int, default=81, help="video frames (4k+1 for Wan's VAE)")
-    p.add_argument("--fps", type=int, default=16, help="frame rate of the mp4")
+    p.add_argument("--height", type=int, default=None, help=f"video height in pixels (Wan; default {DEFAULT_HEIGHT})")
+    p.add_argument("--width", type=int, default=None, help=f"video width in pixels (Wan; default {DEFAULT_WIDTH})")
+    p.add_argument("--frames", type=int, default=None,
+                   help=f"video frames (Wan; 4k+1 for Wan's VAE; default {DEFAULT_FRAMES})")
+    p.add_argument("--fps", type=int, default=None,
+                   help=f"frame rate of the mp4 (default {DEFAULT_FPS}) or GIF (default {DEFAULT_GIF_FPS})")
+    p.add_argument("--scale", type=int, default=4, help="toy world: pixel upscaling of the PNG grid and the GIF")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--out", default=None,
-                   help="output .mp4 (needs a VAE) or .safetensors latents (default sample.mp4 / sample.safetensors)")
-    p.add_argument("--max-text-len", type=int, default=512, help="tokens the prompt is padded/truncated to")
+    p.add_argument("--out", action="append", default=None,
+                   help="Wan: output .mp4 (needs a VAE) or .safetensors latents (default sample.mp4 / "
+                        "sample.safetensors); toy: .png grid, .gif and/or .safetensors clips, repeatable "
+                        "(default sample.png)")
+    p.add_argument("--max-text-len", type=int, default=512, help="tokens the prompt is padded/truncated to (Wan)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="transformer and text-encoder dtype (default bfloat16 on CUDA, float32 on CPU)")
+                   help="transformer and text-encoder dtype (default bfloat16 on CUDA, float32 on CPU and in the "
+                        "toy world)")
     p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None,
                    help="inner flow through tmd_ext.FlowHeadLoop (default: on with CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,39 +125,90 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ folders
+def _read_json(path: Path, folder: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--model {folder}: {path} is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise UserError(f"--model {folder}: {path} must hold a JSON object")
+    return value
+
+
 def sampling_settings(folder: Path) -> dict:
     """The folder's ``tmd_sampling.json`` (stage 2's record of method and sampler settings), or {}."""
     path = folder / SAMPLING_FILE
-    if not path.is_file():
-        return {}
-    try:
-        settings = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CLIError(f"--model {folder}: {path} is not valid JSON ({e})") from e
-    if not isinstance(settings, dict):
-        raise CLIError(f"--model {folder}: {path} must hold a JSON object")
-    return settings
+    return _read_json(path, folder) if path.is_file() else {}
+
+
+def _is_transformer_folder(folder: Path) -> bool:
+    cfg = folder / CONFIG_NAME
+    return cfg.is_file() and _read_json(cfg, folder).get("_class_name") == "WanTransformer3DModel"
 
 
 def model_kind(folder: Path) -> str:
     """``"student"`` (a tmd-student config.json), ``"few_step"`` (a DMD2-v transformer folder, per
-    its tmd_sampling.json) or ``"teacher"`` (a Wan diffusers folder)."""
+    its tmd_sampling.json) or ``"teacher"`` (a Wan diffusers folder or a transformer folder)."""
     if not folder.is_dir():
-        raise CLIError(f"--model {folder}: no such folder")
+        raise UserError(f"--model {folder}: no such folder")
     if sampling_settings(folder).get("method") == "dmd2v" and (folder / CONFIG_NAME).is_file():
         return "few_step"
     cfg = folder / CONFIG_NAME
-    if cfg.is_file():
-        try:
-            fmt = json.loads(cfg.read_text()).get("format")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise CLIError(f"--model {folder}: {cfg} is not a JSON object ({e})") from e
-        if fmt == FORMAT:
-            return "student"
-    if (folder / "model_index.json").is_file() or (folder / "transformer" / "config.json").is_file():
+    if cfg.is_file() and _read_json(cfg, folder).get("format") == FORMAT:
+        return "student"
+    if ((folder / "model_index.json").is_file() or (folder / "transformer" / CONFIG_NAME).is_file()
+            or _is_transformer_folder(folder)):
         return "teacher"
-    raise CLIError(f"--model {folder}: neither a TMD student folder ({cfg} with format '{FORMAT}') nor a "
-                   "Wan diffusers folder (model_index.json + transformer/)")
+    raise UserError(f"--model {folder}: neither a TMD student folder ({cfg} with format '{FORMAT}') nor a "
+                    "Wan diffusers folder (model_index.json + transformer/) nor a transformer folder (config.json "
+                    "of a WanTransformer3DModel)")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """What ``--model`` is, read from its JSON files (no weights loaded)."""
+
+    path: Path
+    kind: str  #: "student" | "few_step" | "teacher" (see :func:`model_kind`)
+    settings: dict  #: tmd_sampling.json, or {}
+    transformer_config: dict  #: the WanTransformer3DModel config
+
+
+def inspect_model(folder: str | Path) -> ModelFolder:
+    """Kind, sampling settings and transformer config of a model folder (user errors as :class:`UserError`)."""
+    folder = Path(folder)
+    kind = model_kind(folder)
+    if kind == "student":
+        config = _read_json(folder / CONFIG_NAME, folder).get("transformer")
+        if not isinstance(config, dict):
+            raise UserError(f"--model {folder}: {folder / CONFIG_NAME} has no 'transformer' object")
+    elif (folder / "transformer" / CONFIG_NAME).is_file() and not (folder / CONFIG_NAME).is_file():
+        config = _read_json(folder / "transformer" / CONFIG_NAME, folder)
+    elif (folder / CONFIG_NAME).is_file():
+        config = _read_json(folder / CONFIG_NAME, folder)
+    else:
+        raise UserError(f"--model {folder}: no transformer/{CONFIG_NAME}")
+    return ModelFolder(folder, kind, sampling_settings(folder), config)
+
+
+def resolve_world(world: str, model: ModelFolder) -> str:
+    """``"toy"`` or ``"wan"``: ``world`` itself, or for ``"auto"`` whether the model fits the toy world."""
+    mismatch = toy_config_mismatch(model.transformer_config)
+    if world == "toy" and mismatch is not None:
+        raise UserError(f"--world toy: --model {model.path} is not a toy-world model ({mismatch})")
+    if world == "auto":
+        return "toy" if mismatch is None else "wan"
+    return world
+
+
+def load_model(model: ModelFolder, dtype: torch.dtype, device: str) -> nn.Module:
+    """The :class:`TMDStudent` (kind ``student``) or the ``WanTransformer3DModel`` of ``model``, in eval mode."""
+    try:
+        if model.kind == "student":
+            return TMDStudent.from_pretrained(model.path, torch_dtype=dtype, device=device).eval()
+        return load_teacher(model.path, torch_dtype=dtype, device=device).eval()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {model.path}: cannot load the {model.kind.replace('_', '-')} model ({e})") from e
 
 
 def find_component(name: str, folders: Sequence[Path]) -> Path | None:
@@ -142,16 +224,47 @@ def load_embedding(path: str, what: str) -> torch.Tensor:
     """``[1, L, D]`` float32 from a .safetensors file with key ``text_emb`` ``[L, D]`` (or ``[1, L, D]``)."""
     p = Path(path)
     if not p.is_file():
-        raise CLIError(f"{what} {p}: no such file")
+        raise UserError(f"{what} {p}: no such file")
     tensors = load_file(str(p))
     if "text_emb" not in tensors:
-        raise CLIError(f"{what} {p}: no key 'text_emb' (keys: {sorted(tensors)})")
+        raise UserError(f"{what} {p}: no key 'text_emb' (keys: {sorted(tensors)})")
     emb = tensors["text_emb"].float()
     if emb.dim() == 2:
         emb = emb[None]
     if emb.dim() != 3 or emb.shape[0] != 1:
-        raise CLIError(f"{what} {p}: text_emb must be [L, D], got {tuple(tensors['text_emb'].shape)}")
+        raise UserError(f"{what} {p}: text_emb must be [L, D], got {tuple(tensors['text_emb'].shape)}")
     return emb
+
+
+def check_toy_prompt(prompt: str, what: str = "--prompt") -> None:
+    """Raise :class:`UserError` (what is wrong, and the toy grammar with every valid word) unless
+    ``prompt`` is a prompt of the toy world."""
+    words = prompt.lower().split()
+    unknown = [w for w in words if w not in text_encoder.VOCAB[1:]]
+    if unknown:
+        reason = f"unknown word{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+    elif not words:
+        reason = "empty"
+    else:
+        try:
+            parse_prompt(prompt)
+            text_encoder.tokenize(prompt)
+            return
+        except ValueError:
+            reason = "not of the grammar"
+    raise UserError(f"{what} {prompt!r}: {reason}; {TOY_GRAMMAR}")
+
+
+def encode_toy(prompts: Sequence[str], negative: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Toy text embeddings ``[P, 12, 32]`` of ``prompts`` and ``[1, 12, 32]`` of ``negative`` (both checked)."""
+    for p in prompts:
+        check_toy_prompt(p)
+    if negative:
+        unknown = [w for w in negative.lower().split() if w not in text_encoder.VOCAB[1:]]
+        if unknown:
+            raise UserError(f"--negative-prompt {negative!r}: unknown words {', '.join(map(repr, unknown))} "
+                            f"(the toy vocabulary: {', '.join(text_encoder.VOCAB[1:])})")
+    return text_encoder.encode(list(prompts))[0], text_encoder.encode([negative])[0]
 
 
 # ------------------------------------------------------------------------------ video
@@ -159,14 +272,14 @@ def latent_shape(frames: int, height: int, width: int, channels: int, patch: Seq
                  scale_t: int, scale_s: int) -> tuple[int, int, int, int, int]:
     """``[1, C, F, H, W]`` latents of a ``frames × height × width`` video."""
     if frames < 1 or (frames - 1) % scale_t:
-        raise CLIError(f"--frames must be {scale_t}k+1 (the VAE compresses time {scale_t}x), got {frames}")
+        raise UserError(f"--frames must be {scale_t}k+1 (the VAE compresses time {scale_t}x), got {frames}")
     for name, v in (("--height", height), ("--width", width)):
         if v < 1 or v % (scale_s * patch[1 if name == "--height" else 2]):
-            raise CLIError(f"{name} must be a positive multiple of {scale_s * patch[1 if name == '--height' else 2]} "
-                           f"(VAE {scale_s}x times the patch size), got {v}")
+            raise UserError(f"{name} must be a positive multiple of {scale_s * patch[1 if name == '--height' else 2]} "
+                            f"(VAE {scale_s}x times the patch size), got {v}")
     f = (frames - 1) // scale_t + 1
     if f % patch[0]:
-        raise CLIError(f"{f} latent frames are not a multiple of the temporal patch size {patch[0]}")
+        raise UserError(f"{f} latent frames are not a multiple of the temporal patch size {patch[0]}")
     return (1, channels, f, height // scale_s, width // scale_s)
 
 
@@ -194,6 +307,45 @@ def write_mp4(path: Path, frames: torch.Tensor, fps: int) -> None:
             w.append_data(f)
 
 
+GRID_PAD = 2  # white pixels between the clips of a grid (before upscaling)
+
+
+def clip_grid(clips: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """``[P, 3, F, H, W]`` clips in [-1, 1] -> ``[P·(H+2)-2, F·(W+2)-2, 3]·scale`` uint8: a row per clip,
+    frames left to right, 2 white pixels apart, upscaled ``scale``× (nearest)."""
+    c = clips.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    P, _, F, H, W = c.shape
+    img = torch.full((P * (H + GRID_PAD) - GRID_PAD, F * (W + GRID_PAD) - GRID_PAD, 3), 255, dtype=torch.uint8)
+    for r in range(P):
+        for f in range(F):
+            img[r * (H + GRID_PAD):r * (H + GRID_PAD) + H, f * (W + GRID_PAD):f * (W + GRID_PAD) + W] = \
+                c[r, :, f].permute(1, 2, 0)
+    return img.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+
+
+def clip_animation(clips: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """``[P, 3, F, H, W]`` clips in [-1, 1] -> ``[F, H·scale, (P·(W+2)-2)·scale, 3]`` uint8 frames: every clip
+    side by side, 2 white pixels apart, upscaled ``scale``× (nearest)."""
+    return torch.stack([clip_grid(clips[:, :, f:f + 1].transpose(0, 2), scale)
+                        for f in range(clips.shape[2])])
+
+
+def write_toy_outputs(outs: Sequence[Path], clips: torch.Tensor, prompts: Sequence[str], fps: int, scale: int,
+                      meta: dict[str, str]) -> None:
+    """Write ``clips [P, 3, 8, 32, 32]`` to each path of ``outs`` by its suffix (.png grid, .gif, .safetensors)."""
+    import imageio.v3 as iio
+
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".png":
+            iio.imwrite(out, clip_grid(clips, scale).numpy())
+        elif out.suffix == ".gif":
+            iio.imwrite(out, clip_animation(clips, scale).numpy(), duration=1000 / fps, loop=0)
+        else:
+            save_file({"latents": clips.float().cpu().contiguous()}, str(out),
+                      metadata={**meta, "prompts": json.dumps(list(prompts))})
+
+
 # ------------------------------------------------------------------------------ sampling
 @contextmanager
 def progress(module: nn.Module, total: int, desc: str, enabled: bool) -> Iterator[None]:
@@ -219,46 +371,153 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def check_steps(kind: str, steps: int | None, inner_steps: int | None, cfg: float | None) -> None:
+    """User errors in the sampler options of a model of ``kind``."""
+    if kind in ("student", "few_step"):
+        if cfg is not None:
+            raise UserError("--cfg applies to the teacher only (a distilled student is distilled with guidance)")
+        for name, v in (("--steps", steps), ("--inner-steps", inner_steps)):
+            if v is not None and v < 1:
+                raise UserError(f"{name} must be >= 1, got {v}")
+    elif steps is not None and steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+
+
+def sample_model(model: nn.Module, kind: str, settings: Mapping, text: torch.Tensor, *, shape: Sequence[int],
+                 generator: torch.Generator, negative: torch.Tensor | None = None, steps: int | None = None,
+                 inner_steps: int | None = None, cfg: float | None = None, shift: float | None = None,
+                 inner_shift: float | None = None, loop: bool = False, show: bool = False) -> tuple[Sample, str, str]:
+    """Sample ``model`` (of :func:`model_kind` ``kind``, with its ``tmd_sampling.json`` ``settings``) for
+    ``text [B, L, D]`` from noise of ``shape`` drawn from ``generator``; options left None take the
+    folder's settings, else the defaults of docs/design.md §1.7. Returns the sample, a label and the
+    steps as the toy demo's table writes them (``M×(N=2)``, ``M``, ``50×2`` for a teacher with CFG)."""
+    if kind == "student":
+        M = steps or settings.get("outer_steps", 2)
+        N = inner_steps or settings.get("inner_steps", 2)
+        kw = {"shape": shape, "generator": generator, "M": M, "N": N,
+              "outer_shift": shift if shift is not None else settings.get("outer_shift", 10.0),
+              "inner_shift": inner_shift if inner_shift is not None else settings.get("inner_shift", 10.0),
+              "t_max": settings.get("t_max", 0.999), "s_max": settings.get("s_max", 0.999)}
+        with progress(model.transformer.condition_embedder, M, "TMD outer steps", show):
+            result = sample_tmd_looped(model, text, **kw) if loop else sample_tmd(model, text, **kw)
+        label = f"TMD student M={M} N={N} H={model.head_blocks} L={model.num_layers}" + (
+            " (FlowHeadLoop)" if loop else "")
+        steps_text = f"{M}×(N={N})"
+    elif kind == "few_step":
+        M = steps or settings.get("outer_steps", 4)
+        with progress(model.condition_embedder, M, "few-step student", show):
+            result = sample_few_step(model, text, shape=shape, generator=generator, steps=M,
+                                     shift=shift if shift is not None else settings.get("outer_shift", 10.0),
+                                     t_max=settings.get("t_max", 0.999))
+        label = f"DMD2-v student M={M}"
+        steps_text = f"{M}"
+    else:
+        steps, cfg = steps or TEACHER_STEPS, cfg if cfg is not None else TEACHER_CFG
+        passes = 1 if cfg == 1.0 or negative.shape[1] == text.shape[1] else 2
+        with progress(model.condition_embedder, steps * passes, "teacher steps", show):
+            result = sample_teacher(model, text, negative_text=negative, shape=shape, generator=generator,
+                                    steps=steps, cfg=cfg, shift=shift if shift is not None else 5.0)
+        label = f"teacher {steps} steps cfg={cfg}"
+        steps_text = f"{steps}×2" if cfg != 1.0 else f"{steps}"
+    return result, label, steps_text
+
+
+def _options(args: argparse.Namespace, device: str) -> dict:
+    return {"steps": args.steps, "inner_steps": args.inner_steps, "cfg": args.cfg, "shift": args.shift,
+            "inner_shift": args.inner_shift, "show": not args.no_progress,
+            "loop": args.loop if args.loop is not None else device.startswith("cuda")}
+
+
+def run_toy(args: argparse.Namespace, model_folder: ModelFolder) -> dict:
+    """The toy world: toy prompts -> pixel clips -> PNG grid / GIF / safetensors."""
+    device = args.device
+    for flag, value in (("--prompt-embeds", args.prompt_embeds), ("--negative-prompt-embeds",
+                                                                   args.negative_prompt_embeds),
+                        ("--components", args.components), ("--height", args.height), ("--width", args.width),
+                        ("--frames", args.frames)):
+        if value is not None:
+            raise UserError(f"{flag} does not apply to the toy world (toy prompts are encoded by "
+                            f"tmd_train.toy.text_encoder; clips are {'x'.join(map(str, TOY_CLIP_SHAPE[1:]))} pixels, "
+                            "no VAE)")
+    if not args.prompt:
+        raise UserError(f"pass --prompt (repeat it for several clips); {TOY_GRAMMAR}")
+    if args.scale < 1:
+        raise UserError(f"--scale must be >= 1, got {args.scale}")
+    outs = [Path(o) for o in (args.out or ["sample.png"])]
+    for out in outs:
+        if out.suffix not in TOY_SUFFIXES:
+            raise UserError(f"--out must end in {', '.join(TOY_SUFFIXES)} in the toy world (no VAE), got {out}")
+        if out.is_dir():
+            raise OutputError(f"--out {out} is a folder; name a file")
+    fps = args.fps or DEFAULT_GIF_FPS
+    if fps < 1:
+        raise UserError(f"--fps must be >= 1, got {fps}")
+    check_steps(model_folder.kind, args.steps, args.inner_steps, args.cfg)
+    text, negative = encode_toy(args.prompt, args.negative_prompt)
+    dtype = DTYPES[args.dtype or "float32"]
+    model = load_model(model_folder, dtype, device)
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (len(args.prompt), *TOY_CLIP_SHAPE)
+    _sync(device)
+    t0 = time.perf_counter()
+    result, label, _ = sample_model(model, model_folder.kind, model_folder.settings, text.to(dtype), shape=shape,
+                                 generator=generator, negative=negative.to(dtype), **_options(args, device))
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    clips = result.x0.float().cpu().clamp(-1, 1)
+    meta = {"model": str(model_folder.path), "kind": model_folder.kind, "nfe": f"{result.nfe:.6g}",
+            "seed": str(args.seed)}
+    try:
+        write_toy_outputs(outs, clips, args.prompt, fps, args.scale, meta)
+    except OSError as e:
+        raise OutputError(f"--out {e.filename or ', '.join(map(str, outs))}: cannot write ({e.strerror or e})") from e
+    print(f"{label}: NFE {result.nfe:.3f}, sampling {seconds:.2f} s -> {', '.join(map(str, outs))}")
+    return {"kind": model_folder.kind, "world": "toy", "label": label, "nfe": result.nfe, "seconds": seconds,
+            "out": [str(o) for o in outs], "latent_shape": list(shape)}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Everything after argument parsing; returns a summary dict (also printed)."""
     device = args.device
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     folder = Path(args.model)
-    kind = model_kind(folder)
+    model_folder = inspect_model(folder)
+    if resolve_world(args.world, model_folder) == "toy":
+        return run_toy(args, model_folder)
+    kind, settings = model_folder.kind, model_folder.settings
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     folders = [folder] + ([Path(args.components)] if args.components else [])
     if args.components and not Path(args.components).is_dir():
-        raise CLIError(f"--components {args.components}: no such folder")
-    settings = sampling_settings(folder)
-    if kind in ("student", "few_step"):
-        if args.cfg is not None:
-            raise CLIError("--cfg applies to the teacher only (a distilled student is distilled with guidance)")
-        for name, v in (("--steps", args.steps), ("--inner-steps", args.inner_steps)):
-            if v is not None and v < 1:
-                raise CLIError(f"{name} must be >= 1, got {v}")
-    elif args.steps is not None and args.steps < 1:
-        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+        raise UserError(f"--components {args.components}: no such folder")
+    check_steps(kind, args.steps, args.inner_steps, args.cfg)
 
     if args.prompt_embeds is None and not args.prompt:
-        raise CLIError("pass --prompt or --prompt-embeds")
+        raise UserError("pass --prompt or --prompt-embeds")
+    if args.prompt and len(args.prompt) > 1:
+        raise UserError(f"one --prompt per Wan video, got {len(args.prompt)} (several prompts: the toy world)")
+    if args.out and len(args.out) > 1:
+        raise UserError(f"one --out per Wan video, got {len(args.out)}")
+    prompt = args.prompt[0] if args.prompt else None
     vae_dir = find_component("vae", folders)
-    out = Path(args.out) if args.out else Path("sample.mp4" if vae_dir else "sample.safetensors")
+    out = Path(args.out[0]) if args.out else Path("sample.mp4" if vae_dir else "sample.safetensors")
     if out.suffix not in (".mp4", ".safetensors"):
-        raise CLIError(f"--out must end in .mp4 or .safetensors, got {out}")
+        raise UserError(f"--out must end in .mp4 or .safetensors, got {out}")
     if out.suffix == ".mp4" and vae_dir is None:
-        raise CLIError(f"no vae/ in {', '.join(map(str, folders))}: an mp4 needs a VAE; "
-                       "write the latents with --out FILE.safetensors or pass --components")
+        raise UserError(f"no vae/ in {', '.join(map(str, folders))}: an mp4 needs a VAE; "
+                        "write the latents with --out FILE.safetensors or pass --components")
 
     # Text conditioning: [1, L, D] embeddings of the prompt (and of the negative prompt).
-    needs_negative = kind == "teacher" and (args.cfg if args.cfg is not None else 5.0) != 1.0
+    needs_negative = kind == "teacher" and (args.cfg if args.cfg is not None else TEACHER_CFG) != 1.0
     encoder = None
     if args.prompt_embeds is None or (needs_negative and args.negative_prompt_embeds is None):
         te, tok = find_component("text_encoder", folders), find_component("tokenizer", folders)
         if te is None or tok is None:
-            raise CLIError(f"no text_encoder/ + tokenizer/ in {', '.join(map(str, folders))}: pass "
-                           "--prompt-embeds (and --negative-prompt-embeds for CFG) or --components")
+            raise UserError(f"no text_encoder/ + tokenizer/ in {', '.join(map(str, folders))}: pass "
+                            "--prompt-embeds (and --negative-prompt-embeds for CFG) or --components")
+        from .text.umt5 import PromptEncoder  # imports transformers: only where a UMT5 encoder is used
+
         encoder = PromptEncoder(te, tok, device, dtype, args.max_text_len)
     text = (load_embedding(args.prompt_embeds, "--prompt-embeds") if args.prompt_embeds is not None
-            else encoder(args.prompt))
+            else encoder(prompt))
     negative = None
     if needs_negative:
         negative = (load_embedding(args.negative_prompt_embeds, "--negative-prompt-embeds")
@@ -266,18 +525,12 @@ def run(args: argparse.Namespace) -> dict:
     del encoder
 
     # The model.
-    if kind == "student":
-        model = TMDStudent.from_pretrained(folder, torch_dtype=dtype, device=device).eval()
-        transformer = model.transformer
-    elif kind == "few_step":
-        model = load_teacher(folder, torch_dtype=dtype, device=device)
-        transformer = model
-    else:
-        model = load_teacher(folder, torch_dtype=dtype, device=device)
-        transformer = model
+    model = load_model(model_folder, dtype, device)
+    transformer = model.transformer if kind == "student" else model
     tc = transformer.config
     if text.shape[-1] != tc.text_dim:
-        raise CLIError(f"the prompt embedding has width {text.shape[-1]} but the model expects text_dim={tc.text_dim}")
+        raise UserError(f"the prompt embedding has width {text.shape[-1]} but the model expects "
+                        f"text_dim={tc.text_dim}")
     vae = None
     if out.suffix == ".mp4":
         from diffusers import AutoencoderKLWan
@@ -285,66 +538,42 @@ def run(args: argparse.Namespace) -> dict:
         vae = AutoencoderKLWan.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch.float32)
         vae.to(device).eval()
         if vae.config.z_dim != tc.in_channels:
-            raise CLIError(f"{vae_dir}: z_dim={vae.config.z_dim} differs from the transformer's "
-                           f"in_channels={tc.in_channels}")
+            raise UserError(f"{vae_dir}: z_dim={vae.config.z_dim} differs from the transformer's "
+                            f"in_channels={tc.in_channels}")
         scale_t, scale_s = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
     else:
         scale_t, scale_s = DEFAULT_SCALE_TEMPORAL, DEFAULT_SCALE_SPATIAL
-    shape = latent_shape(args.frames, args.height, args.width, tc.in_channels, tc.patch_size, scale_t, scale_s)
+    shape = latent_shape(args.frames or DEFAULT_FRAMES, args.height or DEFAULT_HEIGHT, args.width or DEFAULT_WIDTH,
+                         tc.in_channels, tc.patch_size, scale_t, scale_s)
 
     generator = torch.Generator().manual_seed(args.seed)
-    show = not args.no_progress
-    use_loop = args.loop if args.loop is not None else device.startswith("cuda")
     _sync(device)
     t0 = time.perf_counter()
-    if kind == "student":
-        M = args.steps or settings.get("outer_steps", 2)
-        N = args.inner_steps or settings.get("inner_steps", 2)
-        kw = {"shape": shape, "generator": generator, "M": M, "N": N,
-              "outer_shift": args.shift if args.shift is not None else settings.get("outer_shift", 10.0),
-              "inner_shift": args.inner_shift if args.inner_shift is not None else settings.get("inner_shift", 10.0),
-              "t_max": settings.get("t_max", 0.999), "s_max": settings.get("s_max", 0.999)}
-        with progress(transformer.condition_embedder, M, "TMD outer steps", show):
-            result: Sample = sample_tmd_looped(model, text, **kw) if use_loop else sample_tmd(model, text, **kw)
-        label = f"TMD student M={M} N={N} H={model.head_blocks} L={model.num_layers}" + (
-            " (FlowHeadLoop)" if use_loop else "")
-    elif kind == "few_step":
-        M = args.steps or settings.get("outer_steps", 4)
-        with progress(transformer.condition_embedder, M, "few-step student", show):
-            result = sample_few_step(model, text, shape=shape, generator=generator, steps=M,
-                                     shift=args.shift if args.shift is not None else settings.get("outer_shift", 10.0),
-                                     t_max=settings.get("t_max", 0.999))
-        label = f"DMD2-v student M={M}"
-    else:
-        steps, cfg = args.steps or 50, args.cfg if args.cfg is not None else 5.0
-        passes = 1 if cfg == 1.0 or negative.shape[1] == text.shape[1] else 2
-        with progress(transformer.condition_embedder, steps * passes, "teacher steps", show):
-            result = sample_teacher(model, text, negative_text=negative, shape=shape, generator=generator,
-                                    steps=steps, cfg=cfg, shift=args.shift if args.shift is not None else 5.0)
-        label = f"teacher {steps} steps cfg={cfg}"
+    result, label, _ = sample_model(model, kind, settings, text, shape=shape, generator=generator, negative=negative,
+                                 **_options(args, device))
     _sync(device)
     seconds = time.perf_counter() - t0
 
     if vae is not None:
-        write_mp4(out, decode(vae, result.x0), args.fps)
+        write_mp4(out, decode(vae, result.x0), args.fps or DEFAULT_FPS)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"model": str(folder), "kind": kind, "nfe": f"{result.nfe:.6g}", "seed": str(args.seed)}
         save_file({"latents": result.x0.float().cpu().contiguous()}, str(out), metadata=meta)
-    summary = {"kind": kind, "label": label, "nfe": result.nfe, "seconds": seconds, "out": str(out),
+    summary = {"kind": kind, "world": "wan", "label": label, "nfe": result.nfe, "seconds": seconds, "out": str(out),
                "latent_shape": list(shape)}
     print(f"{label}: NFE {result.nfe:.3f}, sampling {seconds:.2f} s -> {out}")
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _main(argv: Sequence[str]) -> int:
+    run(build_parser().parse_args(argv))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: user errors print ``error: …`` and return 2 (see :func:`tmd_train.errors.run_main`)."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Stage 1: pretrain the flow head (``method=tm_meanflow``, default, or ``method=tm``; docs/design.md §1).
 
-    python -m tmd_train.stage1 [--config cfg.yaml] [key=value ...] [--resume latest|DIR]
+    python -m tmd_train.stage1 [--config cfg.yaml] [key=value ...] [--resume latest|DIR] [--overwrite]
     python -m tmd_train.stage1                      # the toy world (shipped toy teacher, data=shapes)
+    python -m tmd_train.stage1 steps=10             # the toy world with overrides (no teacher= given)
     torchrun --nproc_per_node 8 -m tmd_train.stage1 ...        # FSDP2 over 8 processes
 
+``--help`` lists the keys with their defaults and meanings.
 Keys: :class:`~tmd_train.methods.Stage1Config` (the objective's as ``objective.<key>``). Output
 folder: ``config.yaml``, ``metrics.jsonl`` + ``logs/`` (scalars), ``checkpoint-{step:07d}/``
 (``student/``, ``optimizer.pt``, ``rng_state_{rank}.pt``, ``config.yaml``, ``state.json``) and
@@ -15,10 +17,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .engine.cli import parse_stage_args
-from .engine.config import config_from_dict
+from .engine.cli import StageArgs, announce, check_run_paths, parse_stage_args
 from .engine.distributed import finish_process_group
 from .engine.trainer import fit
+from .errors import run_main
 from .methods import Stage1Config, build_method
 
 #: The no-argument run (on top of :func:`tmd_train.toy.toy_defaults`): the toy teacher's N2H1 student
@@ -29,22 +31,28 @@ TOY_STAGE1: dict[str, Any] = {
     "output_dir": "runs/stage1-toy"}
 
 
-def default_config() -> Stage1Config:
-    """The no-argument run: the toy world (:func:`tmd_train.toy.toy_defaults` with :data:`TOY_STAGE1`).
-    Raises FileNotFoundError (saying what to pass) without the toy teacher."""
+def toy_values() -> dict[str, Any]:
+    """The toy world's values of this stage (:func:`tmd_train.toy.toy_defaults` with :data:`TOY_STAGE1`), the
+    base of a run without ``--config`` and without a ``teacher`` override. Raises FileNotFoundError
+    (saying what to pass) without the toy teacher."""
     from .toy import toy_defaults
-    return config_from_dict(Stage1Config, toy_defaults(**TOY_STAGE1))
+    return toy_defaults(**TOY_STAGE1)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Stage1Config, str | None]:
-    return parse_stage_args("stage1", Stage1Config, default_config, __doc__.split("\n\n")[0], argv,
+def parse_args(argv: Sequence[str] | None = None) -> StageArgs:
+    """The command line (:func:`tmd_train.engine.cli.parse_stage_args`); raises UserError."""
+    return parse_stage_args("stage1", Stage1Config, toy_values, __doc__.split("\n\n")[0], argv,
                             usage="[method=tm_meanflow|tm] ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, resume = parse_args(argv)
+    """Train; user errors raise :class:`~tmd_train.errors.UserError` (``python -m`` prints one line)."""
+    args = parse_args(argv)
+    cfg = args.config
+    announce("stage1", args)
+    check_run_paths(cfg, args.resume)
     method = build_method(cfg)
-    final = fit(method, resume)
+    final = fit(method, args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     if method.is_main:
         print(f"stage1: {method.summary()}; student written to {final}")
     finish_process_group()
@@ -52,4 +60,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

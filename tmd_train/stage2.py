@@ -1,9 +1,11 @@
 """Stage 2: distil the few-step generator (``method=tmd``, default, or ``method=dmd2v``; docs/design.md §1).
 
-    python -m tmd_train.stage2 [--config cfg.yaml] [key=value ...] [--resume latest|DIR]
+    python -m tmd_train.stage2 [--config cfg.yaml] [key=value ...] [--resume latest|DIR] [--overwrite]
     python -m tmd_train.stage2                      # the toy world (shipped toy teacher, data=shapes)
+    python -m tmd_train.stage2 steps=10             # the toy world with overrides (no teacher= given)
     torchrun --nproc_per_node 8 -m tmd_train.stage2 ...        # FSDP2 over 8 processes
 
+``--help`` lists the keys with their defaults and meanings.
 Keys: :class:`~tmd_train.methods.Stage2Config` (the DMD loss's as ``dmd.<key>``). Output folder:
 ``config.yaml``, ``metrics.jsonl`` + ``logs/`` (scalars; sample grids), ``checkpoint-{step:07d}/``
 (``generator.safetensors``, ``generator_ema.safetensors``, ``fake_score.safetensors``,
@@ -17,10 +19,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .engine.cli import parse_stage_args
-from .engine.config import config_from_dict
+from .engine.cli import StageArgs, announce, check_run_paths, parse_stage_args
 from .engine.distributed import finish_process_group
 from .engine.trainer import fit
+from .errors import run_main
 from .methods import Stage2Config, build_method
 
 #: The no-argument run (the toy world): small enough for a few minutes on CPU.
@@ -30,22 +32,28 @@ TOY_STAGE2: dict[str, Any] = dict(
     output_dir="runs/stage2-toy")
 
 
-def default_config() -> Stage2Config:
-    """The no-argument run: the toy world (:func:`tmd_train.toy.toy_defaults` with
-    :data:`TOY_STAGE2`). Raises FileNotFoundError (saying what to pass) without the toy teacher."""
+def toy_values() -> dict[str, Any]:
+    """The toy world's values of this stage (:func:`tmd_train.toy.toy_defaults` with :data:`TOY_STAGE2`), the
+    base of a run without ``--config`` and without a ``teacher`` override. Raises FileNotFoundError
+    (saying what to pass) without the toy teacher."""
     from .toy import toy_defaults
-    return config_from_dict(Stage2Config, toy_defaults(**TOY_STAGE2))
+    return toy_defaults(**TOY_STAGE2)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Stage2Config, str | None]:
-    return parse_stage_args("stage2", Stage2Config, default_config, __doc__.split("\n\n")[0], argv,
+def parse_args(argv: Sequence[str] | None = None) -> StageArgs:
+    """The command line (:func:`tmd_train.engine.cli.parse_stage_args`); raises UserError."""
+    return parse_stage_args("stage2", Stage2Config, toy_values, __doc__.split("\n\n")[0], argv,
                             usage="[init_student=<stage-1 student>] [method=tmd|dmd2v] ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, resume = parse_args(argv)
+    """Train; user errors raise :class:`~tmd_train.errors.UserError` (``python -m`` prints one line)."""
+    args = parse_args(argv)
+    cfg = args.config
+    announce("stage2", args)
+    check_run_paths(cfg, args.resume)
     method = build_method(cfg)
-    final = fit(method, resume)
+    final = fit(method, args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     if method.is_main:
         print(f"stage2 ({cfg.method}): {method.summary()}; student written to {final}")
     finish_process_group()
@@ -53,4 +61,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

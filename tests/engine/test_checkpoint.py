@@ -1,6 +1,8 @@
-"""Checkpoint folders: atomic writes, keep-last, ``--resume latest|DIR``, RNG state round trip."""
+"""Checkpoint folders: atomic writes, the file manifest, keep-last, ``--resume latest|DIR``, RNG state
+round trip (damage, full disks and the run folder: test_run_safety.py)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -30,7 +32,9 @@ def test_writer_is_atomic_and_keeps_the_last(tmp_path):
         assert path.name == f"checkpoint-{step:07d}" and (path / "x.txt").is_file()
     assert seen == [".tmp-checkpoint-0000001", ".tmp-checkpoint-0000002", ".tmp-checkpoint-0000003"]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
-    assert read_checkpoint_state(tmp_path / "checkpoint-0000003") == {"counter": 30, "step": 3}
+    state = read_checkpoint_state(tmp_path / "checkpoint-0000003")
+    assert state == {"counter": 30, "step": 3, "run_id": writer.run_id,
+                     "files": {"x.txt": {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}}}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     # a folder without state.json (an interrupted write) is not a checkpoint
     (tmp_path / "checkpoint-0000009").mkdir()

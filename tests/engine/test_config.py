@@ -7,11 +7,20 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from tmd_train.engine.config import config_from_dict, load_config, save_config
+from tmd_train.engine.config import config_from_dict, config_key_table, field_docs, load_config, save_config
+from tmd_train.errors import ConfigError, MissingFileError
 
 
 @dataclass(frozen=True)
 class Inner:
+    """Inner options.
+
+    Attributes:
+        scale: the scale, which must be
+            positive.
+        kind: "a" or "b".
+    """
+
     scale: float = 3.0
     kind: str = "a"
     hidden: str = field(default="x", metadata={"set_by": "method"})
@@ -25,6 +34,13 @@ class Inner:
 
 @dataclass
 class Outer:
+    """Outer options.
+
+    Attributes:
+        steps, lr: the step count and rate.
+        inner: the inner options.
+    """
+
     steps: int = 1
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -74,3 +90,30 @@ def test_saved_config_reloads(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["inner"] == {"scale": 3.0, "kind": "b"}                  # nested; no set_by field
     assert load_config(Outer, tmp_path / "config.yaml") == cfg
+
+
+def test_user_errors_name_the_file_and_line(tmp_path):
+    """Config errors are ConfigErrors (still ValueErrors); a YAML syntax error names the file and line."""
+    f = tmp_path / "broken.yaml"
+    f.write_text("steps: 2\nlr: 1e-3\nbetas: [0.9, 0.99\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: YAML syntax error, line 4.*flow sequence at line 3"):
+        load_config(Outer, f)
+    f.write_text("steps: 2\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: YAML syntax error, line 2, column 5"):
+        load_config(Outer, f)
+    with pytest.raises(ConfigError, match=r"override 'betas=\[1,': the value is not valid YAML"):
+        load_config(Outer, None, ["betas=[1,"])
+    with pytest.raises(MissingFileError, match="is not a file"):
+        load_config(Outer, tmp_path)
+    with pytest.raises(ValueError):                                   # ConfigError is a ValueError
+        load_config(Outer, None, ["steps=0"])
+
+
+def test_key_meanings_come_from_the_attributes_sections():
+    assert field_docs(Outer) == {"steps": "the step count and rate.", "lr": "the step count and rate.",
+                                 "inner": "the inner options."}
+    assert field_docs(Inner) == {"scale": "the scale, which must be positive.", "kind": '"a" or "b".'}
+    assert config_key_table(Outer) == [
+        ("steps", "1", "the step count and rate."), ("lr", "0.001", "the step count and rate."),
+        ("betas", "[0.9, 0.99]", ""), ("teacher", "null", ""),
+        ("inner.scale", "3.0", "the scale, which must be positive."), ("inner.kind", "a", '"a" or "b".')]

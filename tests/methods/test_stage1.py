@@ -22,9 +22,10 @@ from tmd_train.engine.checkpoint import list_checkpoints, resolve_resume
 from tmd_train.engine.config import config_from_dict, load_config
 from tmd_train.engine.logging import read_metrics
 from tmd_train.engine.trainer import fit
+from tmd_train.errors import run_main
 from tmd_train.methods import Stage1Config, build_method
 from tmd_train.methods.tm import TM
-from tmd_train.models import TMDStudent
+from tmd_train.models import TMDStudent, load_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,7 +176,7 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
 def test_bf16_autocast_run(tmp_path):
     """mixed_precision=bf16 (on CPU here; "auto" picks it on GPU): bf16 autocast steps, the frozen
     teacher in bf16 with Wan's float32 modules kept, float32 master weights."""
-    trainer = build_method(tiny_cfg(tmp_path, steps=2, mixed_precision="bf16"))
+    trainer = build_method(tiny_cfg(tmp_path, steps=2, mixed_precision="bf16", **objective(cfg_source="teacher")))
     assert trainer.autocast_dtype == torch.bfloat16
     assert trainer.teacher.blocks[0].ffn.net[0].proj.weight.dtype == torch.bfloat16
     assert trainer.teacher.blocks[0].scale_shift_table.dtype == torch.float32
@@ -217,10 +218,10 @@ def test_config_yaml_overrides_and_validation(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"teacher": {"num_layers": 4, "patch_size": [1, 2, 2]}, "lr": 1e-4, "steps": 7}))
     cfg = load_config(Stage1Config, f, ["lr=3e-5", "teacher.num_layers=2", "adam_betas=[0.8, 0.9]",
-                                        "objective.cfg_source=student", "gradient_checkpointing=true"])
+                                        "objective.cfg_source=teacher", "gradient_checkpointing=true"])
     assert cfg.lr == 3e-5 and isinstance(cfg.lr, float) and cfg.steps == 7
     assert cfg.teacher == {"num_layers": 2, "patch_size": [1, 2, 2]}
-    assert cfg.adam_betas == (0.8, 0.9) and cfg.objective.cfg_source == "student"
+    assert cfg.adam_betas == (0.8, 0.9) and cfg.objective.cfg_source == "teacher"
     assert cfg.gradient_checkpointing is True
     cases = [(["lrr=1"], "unknown config key 'lrr'"), (["steps=1.5"], "steps: expected an int"),
              (["gradient_checkpointing=2"], "expected a bool"), (["adam_betas=[0.9]"], "expected 2 values"),
@@ -261,7 +262,14 @@ def test_init_student(tmp_path):
         build_method(tiny_cfg(tmp_path / "run2", init_student=str(folder), head_blocks=1))
     other = dict(tiny_values(tmp_path)["teacher"], ffn_dim=48)
     with pytest.raises(ValueError, match="teacher architecture"):
-        build_method(tiny_cfg(tmp_path / "run3", init_student=str(folder), teacher=other))
+        build_method(tiny_cfg(tmp_path / "run3", init_student=str(folder), teacher=other,   # the teacher is loaded
+                              **objective(cfg_source="teacher")))                           # only for this source
+    with pytest.raises(ValueError, match="teacher architecture"):                            # not loaded: its config
+        build_method(tiny_cfg(tmp_path / "run4", init_student=str(folder), teacher=other))   # is checked all the same
+    teacher_dir = tmp_path / "teacher"
+    load_teacher(other, torch_dtype=torch.float32).save_pretrained(teacher_dir)             # a teacher folder too
+    with pytest.raises(ValueError, match="teacher architecture"):
+        build_method(tiny_cfg(tmp_path / "run5", init_student=str(folder), teacher=str(teacher_dir)))
 
 
 @pytest.mark.slow
@@ -312,18 +320,18 @@ def test_no_arguments_uses_the_toy_world(monkeypatch, tmp_path, capsys):
     import tmd_train.toy as toy
     missing = tmp_path / "no-toy"
     monkeypatch.setattr(toy, "TOY_TEACHER_DIR", missing)
-    with pytest.raises(SystemExit) as exc:
-        stage1.parse_args([])
-    assert exc.value.code == 2
+    assert run_main(stage1.main, []) == 2
     err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
     assert "teacher=" in err and "data=" in err and str(missing) in err
     present = tmp_path / "toy"
     present.mkdir()
     (present / "config.json").write_text("{}")
     (present / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     monkeypatch.setattr(toy, "TOY_TEACHER_DIR", present)
-    cfg, resume = stage1.parse_args([])
+    args = stage1.parse_args([])
+    cfg, resume = args.config, args.resume
     assert cfg.teacher == str(present) and cfg.data == "shapes" and resume is None
     assert (cfg.head_blocks, cfg.steps) == (1, stage1.TOY_STAGE1["steps"])
-    cfg, _ = stage1.parse_args(["teacher=/t"])  # any argument: no toy default
+    cfg = stage1.parse_args(["teacher=/t"]).config  # a teacher given: no toy default
     assert cfg.teacher == "/t" and cfg.data == "synthetic"

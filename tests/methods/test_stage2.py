@@ -26,6 +26,7 @@ from tmd_train.engine.checkpoint import list_checkpoints
 from tmd_train.engine.config import config_from_dict, load_config
 from tmd_train.engine.logging import read_metrics
 from tmd_train.engine.trainer import fit
+from tmd_train.errors import run_main
 from tmd_train.methods import Stage2Config, build_method
 from tmd_train.methods.distill import Distillation
 from tmd_train.methods.networks import build_models
@@ -398,17 +399,17 @@ def test_no_arguments(monkeypatch, tmp_path, capsys):
     import tmd_train.toy as toy
     missing = tmp_path / "no-toy"
     monkeypatch.setattr(toy, "TOY_TEACHER_DIR", missing)
-    with pytest.raises(SystemExit) as exc:
-        stage2.parse_args([])
-    assert exc.value.code == 2
+    assert run_main(stage2.main, []) == 2
     err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
     assert "teacher=" in err and "data=" in err and str(missing) in err
     present = tiny_teacher_folder(tmp_path / "toy")
     monkeypatch.setattr(toy, "TOY_TEACHER_DIR", present)
-    cfg, resume = stage2.parse_args([])
+    args = stage2.parse_args([])
+    cfg, resume = args.config, args.resume
     assert cfg.teacher == str(present) and cfg.data == "shapes" and resume is None
     assert cfg.steps == stage2.TOY_STAGE2["steps"] and cfg.method == "tmd"
-    cfg, _ = stage2.parse_args(["teacher=/t", "data=synthetic"])                 # any argument: no default
+    cfg = stage2.parse_args(["teacher=/t", "data=synthetic"]).config              # a teacher given: no default
     assert cfg.teacher == "/t" and cfg.steps == 1000
 
 
@@ -484,6 +485,6 @@ def test_shipped_wan_config_is_the_papers_recipe():
     assert (cfg.dmd.cfg_scale, cfg.dmd.tau_shift, cfg.outer_shift, cfg.gan_weight, cfg.generator_every) == (
         5.0, 5.0, 10.0, 0.03, 5)
     assert (cfg.dmd.tau_min, cfg.dmd.tau_max) == (0.001, 0.999)
-    assert default_blocks(30) == (14, 21, 28)
+    assert default_blocks(30) == (15, 22, 29)
     params = Conv3DDiscriminator.expected_parameters(1536, cfg.disc_width, cfg.disc_depth, 3)
     assert 66e6 < params < 72e6  # the paper's 68 M

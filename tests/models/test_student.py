@@ -1,15 +1,24 @@
 """TMD student: teacher loading, backbone/head split, identity at init, fusion, inner flow,
-FD accuracy of the head's time embedding, save/load (tiny random Wan, float32/float64, CPU)."""
+FD accuracy of the head's time embedding, save/load, bf16 loading that keeps Wan's float32
+modules, and what a folder that is not a student is reported as (tiny random Wan,
+float32/float64/bfloat16, CPU)."""
 from __future__ import annotations
 
+import copy
+import itertools
 import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from support.tiny import DIM, LATENT, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
+from torch import nn
 
+from tmd_train.errors import ConfigError, MissingFileError
+from tmd_train.methods.distill import SAMPLING_FILE
+from tmd_train.methods.networks import build_models, teacher_config, write_plain
 from tmd_train.models import (
     ConcatFusion,
     Features,
@@ -21,6 +30,7 @@ from tmd_train.models import (
     teacher_velocity,
     unpatchify,
 )
+from tmd_train.models.teacher import cast_keeping_fp32, fp32_tensor_names
 
 ATOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -402,6 +412,11 @@ def test_save_load_roundtrip(teacher, tmp_path, gen, fusion, head_time):
 def test_from_pretrained_errors(tmp_path, teacher):
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         TMDStudent.from_pretrained(tmp_path / "nothing_here")
+    (tmp_path / "w").mkdir()
+    TMDStudent.from_teacher(teacher, head_blocks=1).save_pretrained(tmp_path / "w")
+    (tmp_path / "w" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"incomplete: .*model\.safetensors not found"):
+        TMDStudent.from_pretrained(tmp_path / "w")
     student = TMDStudent.from_teacher(teacher, head_blocks=1)
     student.save_pretrained(tmp_path / "c")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
@@ -409,6 +424,45 @@ def test_from_pretrained_errors(tmp_path, teacher):
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="tmd-student"):
         TMDStudent.from_pretrained(tmp_path / "c")
+
+
+def dmd2v_folder(teacher, folder):
+    """A folder as stage 2 with ``method=dmd2v`` exports it: a plain Wan transformer + tmd_sampling.json."""
+    write_plain(teacher_config(teacher), teacher.state_dict(), folder)
+    (folder / SAMPLING_FILE).write_text(json.dumps({"method": "dmd2v", "outer_steps": 2}))
+    return folder
+
+
+def test_init_student_folder_kinds(tmp_path, teacher):
+    """A folder that is not a student says what it is and what is expected, as a user error, both
+    from ``from_pretrained`` and as ``init_student`` of a training config."""
+    expected = "TMD student folder .*stage 1 or by stage 2 with method=tmd"
+    run = tmp_path / "run"
+    TMDStudent.from_teacher(teacher, head_blocks=2).save_pretrained(run / "student")
+    teacher.save_pretrained(tmp_path / "wan" / "transformer")
+    (tmp_path / "random").mkdir()
+    (tmp_path / "random" / "notes.txt").write_text("x")
+    (tmp_path / "file.json").write_text("{}")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    cases = {
+        dmd2v_folder(teacher, tmp_path / "dmd2v"): (MissingFileError, "DMD2-v few-step generator .*method=dmd2v"),
+        tmp_path / "wan" / "transformer": (MissingFileError, "plain WanTransformer3DModel folder"),
+        tmp_path / "wan": (MissingFileError, "Wan diffusers model folder"),
+        run: (MissingFileError, "training run's output folder.*its final student is .*student"),
+        tmp_path / "random": (MissingFileError, "has no config.json"),
+        tmp_path / "file.json": (MissingFileError, "is a file"),
+        tmp_path / "bad": (ConfigError, "not valid JSON"),
+    }
+    for folder, (error, what) in cases.items():
+        with pytest.raises(error, match=f"{what}.*" if error is ConfigError else f"{what}") as info:
+            TMDStudent.from_pretrained(folder)
+        assert str(folder) in str(info.value)
+        if error is MissingFileError and "output folder" not in what:
+            assert re.search(expected, str(info.value)), str(info.value)
+        with pytest.raises(error, match=f"^init_student: .*{what}"):
+            build_models(TINY_CONFIG, 0, need_teacher=False, init_student=str(folder), head_blocks=2)
+    assert isinstance(TMDStudent.from_pretrained(run / "student"), TMDStudent)
 
 
 # ------------------------------------------------------------------ bad input
@@ -440,6 +494,59 @@ def test_unpatchify_inverts_wan_patching(gen):
     x = torch.randn(2, 4, 3, 8, 8, generator=gen)
     tok = x.reshape(2, 4, 3, 1, 4, 2, 4, 2).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(2, 48, 16)
     torch.testing.assert_close(unpatchify(tok, (3, 4, 4), (1, 2, 2)), x, atol=0, rtol=0)
+
+
+def fp32_names(model):
+    return {n for n, x in itertools.chain(model.named_parameters(), model.named_buffers()) if x.dtype == torch.float32}
+
+
+def test_bf16_loading_keeps_wan_fp32_modules(teacher, tmp_path, gen):
+    """A student loaded in bf16 (``from_pretrained`` or ``from_teacher`` of a bf16 teacher) keeps
+    exactly the tensors diffusers keeps in float32 when it loads the teacher in bf16 (RoPE tables,
+    time embedder, every ``scale_shift_table``, the blocks' float32 LayerNorms), and so still
+    equals that teacher at init, bit for bit."""
+    teacher.save_pretrained(tmp_path / "transformer")
+    wan_bf16 = load_teacher(tmp_path, torch_dtype=torch.bfloat16)               # diffusers' own loading
+    kept = fp32_names(wan_bf16)
+    assert {"rope.freqs_cos", "rope.freqs_sin", "scale_shift_table", "blocks.3.scale_shift_table",
+            "condition_embedder.time_embedder.linear_2.weight", "blocks.0.norm2.weight"} <= kept
+    assert wan_bf16.proj_out.weight.dtype == torch.bfloat16
+    assert fp32_tensor_names(wan_bf16) == kept
+    assert fp32_names(load_teacher(TINY_CONFIG, torch_dtype=torch.bfloat16)) == kept    # random, from a config
+
+    TMDStudent.from_teacher(teacher, head_blocks=2).save_pretrained(tmp_path / "student")
+    loaded = TMDStudent.from_pretrained(tmp_path / "student", torch_dtype=torch.bfloat16)
+    built = TMDStudent.from_teacher(wan_bf16, head_blocks=2)
+    x, t, text = tiny_inputs(2, gen)
+    y_s = torch.randn(2, *LATENT, generator=gen)
+    s, r = rand_sr(2, gen)
+    with torch.no_grad():
+        ref = teacher_out(wan_bf16, x.bfloat16(), t, text.bfloat16())
+        for student in (loaded, built):
+            assert fp32_names(student) == {f"transformer.{n}" for n in kept}
+            assert student.dtype == torch.bfloat16 and student.fusion.alpha.dtype == torch.bfloat16
+            torch.testing.assert_close(student.head(y_s, s, r, student.backbone(x, t, text)), ref, atol=0, rtol=0)
+
+
+def test_cast_keeping_fp32_any_module_tree(teacher, tmp_path):
+    """The one helper casts any module tree holding Wan models (a fake score, a wrapped few-step
+    generator, a student) the way diffusers loads a Wan model: the same tensors stay float32 (or
+    become float32 again after a plain ``.to(bf16)``, RoPE buffers included), parameters stay the
+    same objects; a plain few-step generator folder loads the same way."""
+    tree = nn.ModuleDict({"fake_score": copy.deepcopy(teacher),
+                          "student": TMDStudent.from_teacher(teacher, head_blocks=2)})
+    tree.to(torch.bfloat16)
+    assert not fp32_names(tree)
+    param = tree["fake_score"].proj_out.weight
+    assert cast_keeping_fp32(tree, torch.bfloat16) is tree
+    assert tree["fake_score"].proj_out.weight is param and param.dtype == torch.bfloat16
+    teacher.save_pretrained(tmp_path / "wan")
+    kept = fp32_names(load_teacher(tmp_path / "wan", torch_dtype=torch.bfloat16))
+    assert fp32_names(tree) == ({f"fake_score.{n}" for n in kept} | {f"student.transformer.{n}" for n in kept})
+    assert fp32_names(load_teacher(dmd2v_folder(teacher, tmp_path / "dmd2v"), torch_dtype=torch.bfloat16)) == kept
+    assert cast_keeping_fp32(tree, None) is tree
+    with pytest.raises(ValueError, match="floating"):
+        cast_keeping_fp32(tree, torch.int8)
 
 
 def test_bfloat16_student(teacher, tmp_path, gen):

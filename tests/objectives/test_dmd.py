@@ -165,8 +165,8 @@ def test_fake_score_loss(fake_time):
 
 # ---------------------------------------------------------------------------- discriminator
 def test_default_blocks():
-    assert default_blocks(30) == (14, 21, 28)
-    assert default_blocks(40) == (19, 28, 38)
+    assert default_blocks(30) == (15, 22, 29)                            # the paper's lists, 0-based
+    assert default_blocks(40) == (19, 29, 39)
     assert default_blocks(4) == (1, 2, 3)
     assert default_blocks(1) == (0,)
 

@@ -1,13 +1,17 @@
 """Stage-1 objective (TM-MeanFlow): the (t, s, r) samplers, the fused FD-JVP pass against the exact
-forward-mode JVP through the head, and the whole loss against a naive re-implementation (two full
-FD passes, pure-PyTorch loss) — tiny random Wan student, CPU, float64 where accuracy is measured."""
+forward-mode JVP through the head, the guided tangent and target against MeanFlow's formulas, the
+whole loss against a naive re-implementation (two full FD passes along the guided velocity,
+pure-PyTorch loss), and the FD pass skipped when no row needs it — tiny random Wan student, CPU,
+float64 where accuracy is measured."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 
 import pytest
 import torch
+from support.run import TESTS, output, torchrun
 from support.tiny import LATENT, TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher
 
 import tmd_ext
@@ -228,10 +232,11 @@ def test_forward_ad_friendly_restores_ops():
 
 
 # ------------------------------------------------------------------ the objective
-def naive_tm_meanflow(student, teacher, batch, cfg, gen):
-    """The objective written out without row selection: every draw in the documented order, two
-    full-batch FD passes, the pure-PyTorch loss."""
-    x, text, neg = batch["latents"], batch["text"], batch["negative_text"].expand(batch["latents"].shape[0], -1, -1)
+def naive_draws(batch, cfg, gen):
+    """Every draw of one evaluation in the documented order (dropout, t, x1, y1, s, the r = s
+    choice), and the points built from them."""
+    x, text = batch["latents"], batch["text"]
+    neg = batch["negative_text"].expand(x.shape[0], -1, -1)
     B, dt = x.shape[0], x.dtype
     dropped = torch.rand(B, generator=gen, dtype=F64) < cfg.cond_dropout
     grid_t = shifted_grid(cfg.outer_steps, cfg.outer_shift, cfg.t_max)
@@ -246,30 +251,49 @@ def naive_tm_meanflow(student, teacher, batch, cfg, gen):
     x_t = (1 - per(t, x)) * x + per(t, x) * x1
     y = x1 - x
     y_s = (1 - per(s, y)) * y + per(s, y) * y1
-    v_in = y1 - y
-    feats = student.backbone(x_t, t, torch.where(dropped[:, None, None], neg, text))
+    return dict(dropped=dropped, t=t, x_t=x_t, y1=y1, s=s, r=r, y_s=y_s, v_in=y1 - y, neg=neg,
+                text=torch.where(dropped[:, None, None], neg, text))
+
+
+def naive_guided_velocity(student, teacher, d, cfg):
+    """MeanFlow's guided field ṽ = ω·v_in + (1-ω)·u_uncond (v_in on dropped rows), no grad; u_uncond
+    from the student's own r = s prediction with the negative prompt, or from the teacher."""
+    with torch.no_grad():
+        if cfg.cfg_source == "student":
+            u_unc = d["y1"] - student.head(d["y_s"], d["s"], d["s"], student.backbone(d["x_t"], d["t"], d["neg"]))
+        else:
+            u_unc = d["y1"] - teacher(d["x_t"], 1000 * d["t"], d["neg"], return_dict=False)[0]
+        v_g = cfg.cfg_scale * d["v_in"] + (1 - cfg.cfg_scale) * u_unc
+        return torch.where(per(d["dropped"], v_g) > 0, d["v_in"], v_g)
+
+
+def naive_tm_meanflow(student, teacher, batch, cfg, gen):
+    """The objective written out from the formulas without row selection: two full-batch FD
+    passes along the guided velocity, the pure-PyTorch loss."""
+    d = naive_draws(batch, cfg, gen)
+    s, r, y_s, y1 = d["s"], d["r"], d["y_s"], d["y1"]
+    feats = student.backbone(d["x_t"], d["t"], d["text"])
     u = y1 - student.head(y_s, s, r, feats)
+    v_g = naive_guided_velocity(student, teacher, d, cfg)
     sp, sm = (s + cfg.delta).clamp(max=1.0), (s - cfg.delta).clamp(min=0.0)
     with torch.no_grad():
         fd_feats = feats.detach()
-        u_p = y1 - student.head(y_s + per(sp - s, y) * v_in, sp, r, fd_feats)
-        u_m = y1 - student.head(y_s + per(sm - s, y) * v_in, sm, r, fd_feats)
-        v_t = teacher(x_t, 1000 * t, neg, return_dict=False)[0]
-        v_g = cfg.cfg_scale * v_in + (1 - cfg.cfg_scale) * (y1 - v_t)
-        v_g = torch.where(per(dropped, v_g) > 0, v_in, v_g)
+        u_p = y1 - student.head(y_s + per(sp - s, y_s) * v_g, sp, r, fd_feats)
+        u_m = y1 - student.head(y_s + per(sm - s, y_s) * v_g, sm, r, fd_feats)
     loss, mse = tmd_ext.reference.meanflow_fd_loss(u, u_p, u_m, v_g, s, r, sp, sm, cfg.c_scale * u[0].numel())
     return loss.mean(), mse.mean(), (r != s).double().mean()
 
 
-@pytest.mark.parametrize("objective", ["tm_meanflow", "tm"])
-def test_objective_matches_naive_reference(objective):
+@pytest.mark.parametrize("objective,source", [("tm_meanflow", "student"), ("tm_meanflow", "teacher"),
+                                               ("tm", "student")])
+def test_objective_matches_naive_reference(objective, source):
     """Loss, MSE, r≠s fraction and every gradient (backbone included: m is not detached) equal a
     plain re-implementation; float64 so only reassociation differs."""
     gen = torch.Generator().manual_seed(1234)
     student = make_student(seed=3, dtype=F64, gen=gen)
     teacher = tiny_teacher(seed=3).double()
     batch = make_batch(6, gen, F64)
-    cfg = TMMeanFlowConfig(variant=objective, equal_fraction=0.5, cond_dropout=0.4, inner_steps=3)
+    cfg = TMMeanFlowConfig(variant=objective, equal_fraction=0.5, cond_dropout=0.4, inner_steps=3, cfg_source=source)
     loss_dict, log = tm_meanflow(student, batch, cfg, torch.Generator().manual_seed(7), teacher=teacher)
     loss_dict["loss"].backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
@@ -295,19 +319,23 @@ def test_objective_matches_naive_reference(objective):
 
 def test_objective_pass_rows(gen):
     """Rows pushed through the blocks: the backbone once over B, the head over B (with grad) plus
-    2·B' in the single FD pass; the plain TM objective adds none."""
+    2·B' in the single FD pass; the plain TM objective adds none. The student's unconditional
+    pass adds the kept rows to both (none with the teacher as the source)."""
     student = make_student()
     teacher = tiny_teacher(seed=0)
     batch = make_batch(8, gen)
     L, H = 4, 2
-    for objective in ("tm_meanflow", "tm"):
-        cfg = TMMeanFlowConfig(variant=objective, equal_fraction=0.5)
+    for objective, source in (("tm_meanflow", "teacher"), ("tm", "teacher"), ("tm_meanflow", "student"),
+                              ("tm", "student")):
+        cfg = TMMeanFlowConfig(variant=objective, equal_fraction=0.5, cfg_source=source, cond_dropout=0.3)
         with count_blocks(student.transformer.blocks[:L - H], 1) as backbone, \
                 count_blocks(student.transformer.blocks[L - H:], 1) as head:
             _, log = tm_meanflow(student, batch, cfg, torch.Generator().manual_seed(3), teacher=teacher)
         n_fd = round(log["frac_fd"].item() * 8)
-        assert backbone.rows == 8 * (L - H)
-        assert head.rows == (8 + 2 * n_fd) * H
+        n_unc = 8 - round(log["frac_dropped"].item() * 8) if source == "student" else 0
+        assert 0 < n_unc < 8 or source == "teacher"
+        assert backbone.rows == (8 + n_unc) * (L - H)
+        assert head.rows == (8 + n_unc + 2 * n_fd) * H
         assert (n_fd > 0) == (objective == "tm_meanflow")
 
 
@@ -322,17 +350,21 @@ def test_objective_deterministic_and_seed_dependent(gen):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_cfg_source_student_and_errors(gen):
+def test_cfg_source_default_and_errors(gen):
+    """The student is its own unconditional source by default (no teacher needed); the teacher
+    source without a teacher is an error."""
+    assert TMMeanFlowConfig().cfg_source == "student"
     student = make_student()
     batch = make_batch(4, gen)
-    cfg = TMMeanFlowConfig(cfg_source="student", cond_dropout=0.0)
+    cfg = TMMeanFlowConfig(cond_dropout=0.0)
     loss_dict, log = tm_meanflow(student, batch, cfg, torch.Generator().manual_seed(0))
     loss_dict["loss"].backward()
     assert torch.isfinite(loss_dict["loss"])
     with pytest.raises(ValueError, match="teacher"):
-        tm_meanflow(student, batch, TMMeanFlowConfig(), torch.Generator().manual_seed(0))
+        tm_meanflow(student, batch, TMMeanFlowConfig(cfg_source="teacher"), torch.Generator().manual_seed(0))
     # cfg_scale 1 needs no unconditional prediction at all
-    tm_meanflow(student, batch, TMMeanFlowConfig(cfg_scale=1.0), torch.Generator().manual_seed(0))
+    tm_meanflow(student, batch, TMMeanFlowConfig(cfg_scale=1.0, cfg_source="teacher"),
+                torch.Generator().manual_seed(0))
     bad = dict(batch)
     del bad["negative_text"]
     with pytest.raises(ValueError, match="negative_text"):
@@ -342,37 +374,51 @@ def test_cfg_source_student_and_errors(gen):
         tm_meanflow(student, bad, cfg, torch.Generator().manual_seed(0))
 
 
-def test_cfg_target_uses_teacher_unconditional(gen, monkeypatch):
-    """The target handed to the loss op is ω·v_in + (1-ω)·(y1 - v_teacher(x_t, t, ∅)) on kept
-    rows and v_in on dropped rows: checked through the op's arguments with ω = 3 vs ω = 1."""
-    student = make_student()
-    teacher = tiny_teacher(seed=0)
-    batch = make_batch(6, gen)
-    seen = {}
+def spy_on_loss_op(monkeypatch):
+    """Record the arguments every ``meanflow_fd_loss`` call receives (then run the reference)."""
+    seen = []
 
     def spy(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c):
-        seen.setdefault("v", []).append(v.detach().clone())
-        seen["c"] = c
+        seen.append(dict(u=u.detach().clone(), u_plus=u_plus.clone(), u_minus=u_minus.clone(), v=v.detach().clone(),
+                         s=s.clone(), r=r.clone(), s_plus=s_plus.clone(), s_minus=s_minus.clone(), c=c))
         return tmd_ext.reference.meanflow_fd_loss(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c)
 
     monkeypatch.setattr(tmmf.tmd_ext, "meanflow_fd_loss", spy)
-    cfg3 = TMMeanFlowConfig(cond_dropout=0.5)
-    _, log = tm_meanflow(student, batch, cfg3, torch.Generator().manual_seed(11), teacher=teacher)
-    tm_meanflow(student, batch, dataclasses.replace(cfg3, cfg_scale=1.0), torch.Generator().manual_seed(11),
-                teacher=teacher)
-    v3, v_in = seen["v"]
-    assert seen["c"] == float(torch.Size(LATENT).numel())
-    g = torch.Generator().manual_seed(11)
-    dropped = torch.rand(6, generator=g, dtype=F64) < 0.5
-    t = shifted_grid(2, 10.0, 0.999)[torch.randint(1, 3, (6,), generator=g)]
-    x1 = torch.randn(batch["latents"].shape, generator=g)
-    y1 = torch.randn(batch["latents"].shape, generator=g)
-    x_t = (1 - per(t, x1)) * batch["latents"] + per(t, x1) * x1
-    with torch.no_grad():
-        v_t = teacher(x_t, 1000 * t, batch["negative_text"].expand(6, -1, -1), return_dict=False)[0]
-    expected = torch.where(per(dropped, v_in) > 0, v_in, 3 * v_in - 2 * (y1 - v_t))
-    assert 0 < dropped.sum() < 6
-    torch.testing.assert_close(v3, expected, atol=1e-5, rtol=1e-5)
+    return seen
+
+
+def test_fd_derivative_along_the_guided_tangent(monkeypatch):
+    """MeanFlow's guided objective (docs/design.md §1.4): the velocity handed to the loss op is
+    ṽ = ω·v_in + (1-ω)·u_uncond with u_uncond = y1 - head(y_s, s, s; backbone(x_t, t, ∅)), and the op's
+    difference quotient (u⁺ - u⁻)/(s⁺ - s⁻) on the r≠s rows is the total derivative of
+    u(y, s, r) = y1 - head(y, s, r; m) along the tangent (ṽ, 1, 0), computed exactly by
+    torch.func.jvp — float64, zero-initialised layers made non-zero, ω = 3 (dropped rows: ṽ = v_in)."""
+    gen = torch.Generator().manual_seed(77)
+    student = make_student(seed=5, dtype=F64, gen=gen)
+    batch = make_batch(8, gen, F64)
+    cfg = TMMeanFlowConfig(equal_fraction=0.25, cond_dropout=0.25, cfg_scale=3.0)
+    seen = spy_on_loss_op(monkeypatch)
+    with true_float64():
+        tm_meanflow(student, batch, cfg, torch.Generator().manual_seed(9))
+        d = naive_draws(batch, cfg, torch.Generator().manual_seed(9))
+        v_tilde = naive_guided_velocity(student, None, d, cfg)
+        fd = d["r"] != d["s"]
+        assert 0 < int(fd.sum()) < 8 and 0 < int(d["dropped"].sum()) < 8 and bool((fd & ~d["dropped"]).any())
+        with torch.no_grad():
+            feats = student.backbone(d["x_t"], d["t"], d["text"])
+
+            def u_of(y, sigma):
+                return d["y1"] - student.head(y, sigma, d["r"], feats)
+            with tmmf.forward_ad_friendly():
+                _, exact = torch.func.jvp(u_of, (d["y_s"], d["s"]), (v_tilde, torch.ones_like(d["s"])))
+    (op,) = seen
+    torch.testing.assert_close(op["v"], v_tilde, atol=1e-10, rtol=1e-10)
+    assert rel_err(v_tilde - d["v_in"], d["v_in"])[~d["dropped"]].min() > 0.1     # guidance moves the tangent
+    quotient = (op["u_plus"] - op["u_minus"]) / per(op["s_plus"] - op["s_minus"], op["u_plus"])
+    err = rel_err(quotient[fd], exact[fd])
+    # the FD truncation error grows with the tangent (|ṽ| ≈ 2.6·|v_in| here): measured 0.6–1.9e-4;
+    # along the conditional v_in instead the error on the guided rows is 0.3–0.4
+    assert float(err.max()) < 5e-4, err
 
 
 def test_bf16_autocast_step(gen):
@@ -391,19 +437,58 @@ def test_bf16_autocast_step(gen):
         student.zero_grad(set_to_none=True)
 
 
-def test_module_calls_do_not_depend_on_the_draws(gen):
-    """FSDP needs every process to make the same module calls: with no r≠s row (equal_fraction=1)
-    the FD pass still runs, on one stand-in row whose result is discarded — the loss equals the
-    plain TM objective's on the same draws."""
+def test_fd_pass_only_when_needed(gen):
+    """With no r≠s row the FD pass does not run (no stand-in rows): the head sees only the B rows
+    of the loss and the loss equals the plain TM objective's on the same draws. ``any_process``
+    (the or over the processes under FSDP) is asked exactly once per evaluation, with the local
+    flag, whatever it is; when it says another process runs the pass, this one runs it on one
+    stand-in row (2 head rows) and discards it."""
     student = make_student()
     teacher = tiny_teacher(seed=0)
     batch = make_batch(4, gen)
     H = 2
-    with count_blocks(student.transformer.blocks[-H:], 1) as head:
-        loss_mf, log = tm_meanflow(student, batch, TMMeanFlowConfig(equal_fraction=1.0, cond_dropout=1.0),
-                                   torch.Generator().manual_seed(4), teacher=teacher)
+    none_fd = TMMeanFlowConfig(equal_fraction=1.0, cond_dropout=1.0, cfg_source="teacher")
+
+    def run(cfg, any_process=None):
+        with count_blocks(student.transformer.blocks[-H:], 1) as head:
+            loss, log = tm_meanflow(student, batch, cfg, torch.Generator().manual_seed(4), teacher=teacher,
+                                    any_process=any_process)
+        return loss["loss"], log, head.rows
+
+    loss_tm, _, rows_tm = run(dataclasses.replace(none_fd, variant="tm"))
+    loss_alone, log, rows_alone = run(none_fd)
     assert log["frac_fd"].item() == 0 and log["frac_dropped"].item() == 1
-    assert head.rows == (4 + 2) * H
-    loss_tm, _ = tm_meanflow(student, batch, TMMeanFlowConfig(variant="tm", cond_dropout=1.0),
-                             torch.Generator().manual_seed(4), teacher=teacher)
-    torch.testing.assert_close(loss_mf["loss"], loss_tm["loss"], atol=0, rtol=0)
+    assert rows_tm == rows_alone == 4 * H
+    torch.testing.assert_close(loss_alone, loss_tm, atol=0, rtol=0)
+    for others_need_it in (False, True):
+        calls: list[bool] = []
+        loss, _, rows = run(none_fd, lambda flag, o=others_need_it, seen=calls: seen.append(flag) or flag or o)
+        assert calls == [False]
+        assert rows == (4 + 2 * others_need_it) * H
+        torch.testing.assert_close(loss, loss_tm, atol=0, rtol=0)
+    calls = []
+    some_fd = dataclasses.replace(none_fd, equal_fraction=0.0)
+    loss_some, log, rows = run(some_fd, lambda flag: calls.append(flag) or flag)
+    assert calls == [True] and rows == (4 + 2 * 4) * H and log["frac_fd"].item() == 1
+    torch.testing.assert_close(loss_some, run(some_fd)[0], atol=0, rtol=0)
+    calls = []
+    run(dataclasses.replace(none_fd, variant="tm"), lambda flag: calls.append(flag) or flag)
+    assert calls == []                         # the plain TM objective has no FD pass on any process
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_fd_pass_decided_collectively_under_fsdp2(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, FSDP2 on every block and the root, as the method shards):
+    process 0 has only r≠s rows, process 1 none. The head's blocks are all-gathered inside the FD
+    pass, so process 1 runs it on a stand-in row (2 head rows) because process 0 needs it; the
+    losses equal those of an unsharded student. (Each process deciding alone times out.)"""
+    proc = torchrun([str(TESTS / "objectives" / "tm_meanflow_dist_worker.py"), str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, output(proc)
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert ranks[0]["frac_fd"] == [1.0, 1.0] and ranks[1]["frac_fd"] == [0.0, 0.0]
+    # per step, the last head block sees: u (2 rows), the unconditional pass (2), the FD pass
+    assert ranks[0]["head_rows"] == [2, 2, 4] * 2
+    assert ranks[1]["head_rows"] == [2, 2, 2] * 2
+    for r in ranks:
+        torch.testing.assert_close(r["losses"], r["reference"], atol=0, rtol=1e-5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tmd_train.errors import UserError
 from tmd_train.models.teacher import load_teacher
 from tmd_train.sampling import sample_teacher
 from tmd_train.toy import (
@@ -46,12 +47,15 @@ def test_trainer_writes_a_loadable_folder_and_resumes_exactly(tmp_path):
     assert any(not torch.equal(init[k], a[k]) for k in a)
 
 
-def test_trainer_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
-        T.main(["--steps", "0"])
-    assert "--steps" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        T.main(["--lr", "-1"])
+def test_trainer_rejects_bad_arguments(tmp_path):
+    out = str(tmp_path / "teacher")
+    with pytest.raises(UserError, match="--steps"):
+        T.main(["--out", out, "--steps", "0"])
+    with pytest.raises(UserError, match="--lr"):
+        T.main(["--out", out, "--lr", "-1"])
+    with pytest.raises(UserError, match="--out"):
+        T.main(["--steps", "3"])
+    assert not (tmp_path / "teacher").exists()
 
 
 def test_lr_schedule_warms_up_then_decays():

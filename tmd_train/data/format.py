@@ -43,6 +43,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import DataError, MissingFileError, OutputError
+
 FORMAT_NAME = "tmd-dataset"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -57,8 +59,13 @@ FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 _DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()} | {torch.bool: "bool"}
 
 
-class DatasetFormatError(ValueError):
-    """A dataset folder that exists but is not a valid dataset of this format version."""
+class DatasetFormatError(DataError):
+    """A dataset folder that exists but is not a valid dataset of this format version (a
+    :class:`~tmd_train.errors.DataError`, so a ``ValueError`` too)."""
+
+
+class DatasetExistsError(OutputError, FileExistsError):
+    """The destination of a :class:`DatasetWriter` exists and may not be replaced."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -75,7 +82,8 @@ class DatasetWriter:
         dtype: storage dtype of the float tensors (bfloat16, float16 or float32).
         teacher_config: the teacher config the data was encoded for (a JSON-serialisable dict), or None.
         metadata: free-form JSON-serialisable provenance.
-        overwrite: replace an existing folder (only once the new one is complete).
+        overwrite: replace an existing dataset folder (only once the new one is complete). A file, or a
+            non-empty folder that is not a dataset (no ``index.json``), is never replaced.
 
     On a clean exit the folder appears atomically (tmp folder renamed); on an exception inside the
     ``with`` block nothing is left behind. :meth:`set_negative` must be called before closing.
@@ -94,7 +102,13 @@ class DatasetWriter:
             raise ValueError("DatasetWriter: teacher_config must be a dict or None")
         self.folder = Path(folder)
         if self.folder.exists() and not overwrite:
-            raise FileExistsError(f"DatasetWriter: {self.folder} already exists (pass overwrite=True to replace it)")
+            raise DatasetExistsError(f"{self.folder} already exists (pass overwrite=True / --overwrite to replace it)")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise DatasetExistsError(f"{self.folder} is a file, not a dataset folder: it is not replaced; remove it "
+                                     "or choose another destination")
+        if self.folder.exists() and any(self.folder.iterdir()) and not (self.folder / INDEX_FILE).is_file():
+            raise DatasetExistsError(f"{self.folder} is a non-empty folder but not a dataset (no {INDEX_FILE}): it "
+                                     "is not replaced; remove it or choose another destination")
         # Serialisability is checked now rather than after all the work.
         json.dumps(teacher_config)
         json.dumps(metadata or {})
@@ -263,7 +277,7 @@ class DatasetWriter:
         old = None
         if self.folder.exists():
             if not self.overwrite:
-                raise FileExistsError(f"DatasetWriter: {self.folder} appeared while writing")
+                raise DatasetExistsError(f"{self.folder} appeared while writing")
             old = self.folder.parent / f".{self.folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.folder, old)
         os.rename(self._tmp, self.folder)
@@ -296,15 +310,16 @@ class DatasetWriter:
 def read_index(folder: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``index.json`` of a dataset folder.
 
-    Raises ``FileNotFoundError`` (no folder / no index) or :class:`DatasetFormatError` (corrupt JSON,
+    Raises :class:`~tmd_train.errors.MissingFileError` (a ``FileNotFoundError``: no folder / no index) or
+    :class:`DatasetFormatError` (corrupt JSON,
     another format, another format version, missing or inconsistent fields).
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"dataset folder {folder} does not exist")
+        raise MissingFileError(f"dataset folder {folder} does not exist")
     path = folder / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a tmd dataset: no {INDEX_FILE} (an interrupted write leaves "
+        raise MissingFileError(f"{folder} is not a tmd dataset: no {INDEX_FILE} (an interrupted write leaves "
                                 f"only a hidden .{folder.name}.tmp-* folder)")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -383,14 +398,14 @@ class LatentDataset(torch.utils.data.Dataset):
         self._counts = [int(s["num_samples"]) for s in self.index["shards"]]
         for f in self._shard_files:
             if not f.is_file():
-                raise FileNotFoundError(f"dataset {self.folder}: shard {f.name} listed in {INDEX_FILE} is missing")
+                raise MissingFileError(f"dataset {self.folder}: shard {f.name} listed in {INDEX_FILE} is missing")
         self.prompts = self._read_prompts()
         self._handles: dict[int, Any] = {}
 
     def _read_prompts(self) -> list[str]:
         path = self.folder / PROMPTS_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"dataset {self.folder}: {PROMPTS_FILE} is missing")
+            raise MissingFileError(f"dataset {self.folder}: {PROMPTS_FILE} is missing")
         prompts = []
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f):
@@ -470,7 +485,7 @@ def load_negative(folder: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
     index = read_index(folder)
     path = Path(folder) / index["negative"]
     if not path.is_file():
-        raise FileNotFoundError(f"dataset {folder}: {path.name} is missing")
+        raise MissingFileError(f"dataset {folder}: {path.name} is missing")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             emb, mask = f.get_tensor("text_emb"), f.get_tensor("text_mask")

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import DataError
 from .format import LatentDataset, load_negative
 
 
@@ -126,9 +127,16 @@ def open_source(data: str, *, teacher_config: Mapping[str, Any] | None = None, s
 
     Raises:
         FileNotFoundError / DatasetFormatError: a folder that is not a valid dataset.
+        DataError: a dataset of another kind, or one that does not fit ``teacher_config``
+            (:func:`check_fits_teacher`).
     """
     if data == "shapes":
-        return (src := ShapesSource(synthetic_samples, seed=seed)), src.negative()
+        src = ShapesSource(synthetic_samples, seed=seed)
+        if teacher_config is not None:
+            item = src[0]
+            check_fits_teacher("data=shapes (the toy world)", tuple(item["latents"].shape),
+                               tuple(item["text_emb"].shape), teacher_config)
+        return src, src.negative()
     if data == "synthetic":
         if teacher_config is None:
             raise ValueError("data='synthetic' needs the teacher config (for the latent channels and text_dim)")
@@ -137,9 +145,30 @@ def open_source(data: str, *, teacher_config: Mapping[str, Any] | None = None, s
         return src, src.negative()
     ds = LatentDataset(Path(data))
     if ds.kind != "latents":
-        raise ValueError(f"data: dataset {data} holds {ds.kind!r} samples; training needs a 'latents' dataset "
-                         "(a 'kd' dataset goes to kd_pairs=)")
+        raise DataError(f"data: dataset {data} holds {ds.kind!r} samples; training needs a 'latents' dataset "
+                        "(a 'kd' dataset goes to kd_pairs=)")
+    if teacher_config is not None:
+        check_fits_teacher(f"data={data}", ds.shapes["latents"], ds.shapes["text_emb"], teacher_config)
     return ds, load_negative(data)
+
+
+def check_fits_teacher(what: str, latent_shape: Sequence[int], text_shape: Sequence[int],
+                       teacher_config: Mapping[str, Any]) -> None:
+    """DataError unless samples of ``latent_shape`` ``(C, F, H, W)`` and text ``(L, D)`` fit the
+    teacher: ``C == in_channels``, ``D == text_dim`` and ``(F, H, W)`` divisible by ``patch_size``."""
+    c, *size = (int(v) for v in latent_shape)
+    want_c, want_d = teacher_config.get("in_channels"), teacher_config.get("text_dim")
+    patch = tuple(teacher_config.get("patch_size") or (1, 1, 1))
+    problems = []
+    if want_c is not None and c != want_c:
+        problems.append(f"{c} latent channels, the teacher takes {want_c}")
+    if want_d is not None and int(text_shape[-1]) != want_d:
+        problems.append(f"text embeddings of width {int(text_shape[-1])}, the teacher's text_dim is {want_d}")
+    if len(size) == len(patch) and any(n % p for n, p in zip(size, patch, strict=True)):
+        problems.append(f"latent size (F, H, W) = {tuple(size)} not divisible by the teacher's patch {patch}")
+    if problems:
+        raise DataError(f"{what} does not fit the teacher: {'; '.join(problems)} (encode the data for this "
+                        "teacher, or pass the teacher it was made for)")
 
 
 def masked_text(text_emb: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,15 @@ Every stage shares this loader::
 * Values are checked against the field's type hint (``int``, ``float``, ``bool``, ``str``,
   ``dict``, ``list[...]``/``tuple[...]``, ``X | None`` and unions of those) and coerced where
   lossless (an int for a float field; ``"3e-5"``, which YAML 1.1 reads as a string, for a float).
-  Unknown keys and wrong types raise ``ValueError`` naming the full key (``objective.cfg_scle``).
+  Unknown keys and wrong types raise :class:`~tmd_train.errors.ConfigError` (a ``ValueError``)
+  naming the full key (``objective.cfg_scle``); a YAML syntax error names the file and line.
 * After loading, each dataclass's ``validate()`` (if it has one) checks the values themselves; the
   errors of a sub-config are prefixed with its field name (``objective.cfg_scale must be > 0``).
 * A sub-config field whose ``metadata`` has ``"set_by"`` (e.g. the objective variant, chosen by
   ``method=``) is not a config key: it is neither read nor written.
+* Each key's one-line meaning is its entry in the ``Attributes:`` section of the docstring of the
+  config class that declares it (:func:`field_docs`); ``--help`` of the stages lists them
+  (:func:`config_key_table`).
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from ..errors import ConfigError, MissingFileError
 
 T = TypeVar("T")
 MIXED_PRECISIONS = ("auto", "bf16", "no")
@@ -55,6 +61,19 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """``"line L, column C: <problem>"`` of a YAML error (1-based), or its text."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, where = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and where is not None and where.line != mark.line:
+        text += f" ({context} at line {where.line + 1}, column {where.column + 1})"
+    return text
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -68,25 +87,25 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             if type(None) in args:
                 return None
-            raise ValueError(f"{key}: null is not allowed (expected {_type_name(tp)})")
+            raise ConfigError(f"{key}: null is not allowed (expected {_type_name(tp)})")
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return coerce(value, arg, key)
-            except ValueError:
+            except ConfigError:
                 continue
-        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{key}: expected a bool (true/false), got {value!r}")
+        raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValueError(f"{key}: expected an int, got {value!r}")
+        raise ConfigError(f"{key}: expected an int, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -95,22 +114,22 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ValueError(f"{key}: expected a float, got {value!r}")
+        raise ConfigError(f"{key}: expected a float, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
     if tp is dict or origin is dict:
         if isinstance(value, Mapping):
             return dict(value)
-        raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
     if origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, str) or not isinstance(value, Sequence):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ValueError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
             items = [coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         else:
             item_tp = args[0] if args else Any
@@ -126,8 +145,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        out[key] = yaml_load(raw) if raw.strip() else ""
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            out[key] = yaml_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                              "quote it or fix the brackets") from None
     return out
 
 
@@ -151,7 +174,7 @@ def config_from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") 
     for key, value in values.items():
         name, dot, sub = key.partition(".")
         if name not in fields:
-            raise ValueError(f"unknown config key {prefix + name!r} for {cls.__name__} (known: {', '.join(fields)})")
+            raise ConfigError(f"unknown config key {prefix + name!r} for {cls.__name__} (known: {', '.join(fields)})")
         if dot:
             nested.setdefault(name, {})[sub] = value
         else:
@@ -164,7 +187,7 @@ def config_from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") 
         if base is None:  # a mapping field without a default value starts empty
             base = {}
         if not isinstance(base, Mapping):
-            raise ValueError(f"{prefix}{name}.{next(iter(entries))}: {prefix}{name} is not a mapping "
+            raise ConfigError(f"{prefix}{name}.{next(iter(entries))}: {prefix}{name} is not a mapping "
                              f"(it is {base!r})")
         base = dict(base)
         for sub, value in entries.items():
@@ -190,23 +213,24 @@ def _sub_config(cls: type, base: Any, dotted: Mapping[str, Any], prefix: str) ->
     elif dataclasses.is_dataclass(base):
         base = config_to_dict(base)
     elif not isinstance(base, Mapping):
-        raise ValueError(f"{prefix[:-1]}: expected a mapping of {cls.__name__} fields, got {base!r}")
+        raise ConfigError(f"{prefix[:-1]}: expected a mapping of {cls.__name__} fields, got {base!r}")
     merged = dict(base)
     merged.update(dotted)
     return config_from_dict(cls, merged, prefix)
 
 
-def _prefixed_error(error: ValueError, prefix: str, fields: Mapping[str, Any]) -> ValueError:
-    """``error`` of a sub-config with its key prefix: ``"x must be ..."`` -> ``"objective.x must be ..."``
-    (other messages: ``"objective: ..."``); unchanged at the top level or when already prefixed."""
+def _prefixed_error(error: ValueError, prefix: str, fields: Mapping[str, Any]) -> ConfigError:
+    """``error`` of a sub-config as a :class:`ConfigError` with its key prefix: ``"x must be ..."`` ->
+    ``"objective.x must be ..."`` (other messages: ``"objective: ..."``); the message is unchanged at the
+    top level or when already prefixed."""
     msg = str(error)
     if not prefix or msg.startswith(prefix):
-        return error
+        return error if isinstance(error, ConfigError) else ConfigError(msg)
     words = msg.split()
     head = words[0].rstrip(":") if words else ""
     if head.split(".")[0].split("[")[0] in fields:
-        return ValueError(prefix + msg)
-    return ValueError(f"{prefix[:-1]}: {msg}")
+        return ConfigError(prefix + msg)
+    return ConfigError(f"{prefix[:-1]}: {msg}")
 
 
 def _default(field: dataclasses.Field) -> Any:
@@ -231,18 +255,100 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """``cls`` from the YAML file ``path`` (optional) with ``key=value`` ``overrides`` applied on
-    top; type-checked and validated. Raises FileNotFoundError / ValueError naming the problem."""
+    top; type-checked and validated.
+
+    Raises:
+        MissingFileError: ``path`` does not exist or is not a file.
+        ConfigError: a YAML syntax error (file, line and column), an unknown key, a bad value.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.exists():
+            raise MissingFileError(f"config file not found: {path} (check the --config path)")
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml_load(path.read_text()) or {}
+            raise MissingFileError(f"config file {path} is not a file (--config takes a YAML file)")
+        try:
+            loaded = yaml_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: YAML syntax error, {_yaml_problem(e)}; fix the file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text (UTF-8) YAML file ({e.reason} at byte {e.start})") from None
         if not isinstance(loaded, Mapping):
-            raise ValueError(f"{path}: the config must be a YAML mapping of field names")
+            raise ConfigError(f"{path}: the config must be a YAML mapping of field names")
         values.update(loaded)
     values.update(parse_overrides(overrides))
     return config_from_dict(cls, values)
+
+
+_ATTRIBUTE = re.compile(r"^(\s*)([A-Za-z_][\w]*(?:\s*,\s*[A-Za-z_][\w]*)*)\s*:\s*(.*)$")
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    """The entries of the ``Attributes:`` section of a Google-style docstring: ``name: text`` (or
+    ``a, b: text`` for several names), continuation lines indented deeper, joined into one line."""
+    lines = doc.expandtabs().splitlines()
+    out: dict[str, str] = {}
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
+    if start is None:
+        return out
+    section_indent = len(lines[start]) - len(lines[start].lstrip())
+    names: list[str] = []
+    entry_indent = None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent <= section_indent:
+            break
+        m = _ATTRIBUTE.match(line)
+        if m and (entry_indent is None or indent == entry_indent):
+            entry_indent = indent
+            names = [n.strip() for n in m.group(2).split(",")]
+            for n in names:
+                out[n] = m.group(3).strip()
+        elif names:
+            for n in names:
+                out[n] = f"{out[n]} {line.strip()}".strip()
+    return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line meaning of each field of the dataclass ``cls``: its entry in the ``Attributes:``
+    section of the docstring of the nearest class of the MRO that documents it."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_attribute_docs(klass.__dict__.get("__doc__") or ""))
+    return docs
+
+
+def config_key_table(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, meaning)`` of every config key of ``cls``, a sub-config's keys as
+    ``<field>.<key>`` (in field order). The meaning is ``""`` where the docstrings lack one."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    rows: list[tuple[str, str, str]] = []
+    for name, f in config_fields(cls).items():
+        if _is_config_class(hints[name]):
+            rows += config_key_table(hints[name], f"{prefix}{name}.")
+            continue
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        shown = override_text(_default(f)) if has_default else "(required)"
+        rows.append((prefix + name, shown, docs.get(name, "").replace("``", "")))
+    return rows
+
+
+def override_text(value: Any) -> str:
+    """``value`` as written in a ``key=value`` override (``null``, ``true``, ``3e-05``, ``[0.9, 0.99]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(override_text(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {override_text(v)}" for k, v in value.items()) + "}"
+    return str(value) if isinstance(value, str) else repr(value)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -269,13 +375,13 @@ def check_fields(cfg: Any, *, choices: Mapping[str, Sequence[Any]] = {}, positiv
     field to its allowed values, ``positive`` fields must be >= 1, ``non_negative`` fields >= 0."""
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(cfg, name)!r}")
+            raise ConfigError(f"{name} must be one of {tuple(allowed)}, got {getattr(cfg, name)!r}")
     for name in positive:
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in non_negative:
         if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
 
 
 def check_learning_rates(cfg: Any, names: Sequence[str]) -> None:
@@ -283,25 +389,37 @@ def check_learning_rates(cfg: Any, names: Sequence[str]) -> None:
     for name in names:
         v = getattr(cfg, name)
         if v is not None and (not v > 0 or not math.isfinite(v)):
-            raise ValueError(f"{name} must be a finite number > 0, got {v}")
+            raise ConfigError(f"{name} must be a finite number > 0, got {v}")
 
 
 @dataclass
 class TrainConfig:
     """The options every training method shares (each stage's config extends it).
 
-    Model: ``teacher`` (a Wan2.1 diffusers folder / transformer folder, or a
-    ``WanTransformer3DModel`` config mapping for a random teacher seeded by ``seed``), ``method``
-    (a name of :data:`tmd_train.methods.METHODS` that trains with this config).
-    Data: ``data`` (``"shapes"``, ``"synthetic"`` or a dataset folder, docs/design.md §5),
-    ``synthetic_samples`` samples of ``synthetic_latent_size`` (F, H, W) and ``synthetic_text_len``
-    tokens for ``data=synthetic``, ``num_workers`` (DataLoader workers).
-    Optimisation: ``batch_size`` (per process), ``steps``, ``lr``, ``weight_decay``, ``adam_betas``,
-    ``adam_eps``, ``max_grad_norm`` (<= 0: no clipping), ``mixed_precision`` (``auto``: bf16
-    autocast on GPU, off on CPU), ``gradient_checkpointing``, ``seed``, ``cpu_threads`` (CPU
-    runs: ``torch.set_num_threads``; 0 keeps torch's default — on a busy machine 1 can be many
-    times faster than oversubscribed threads).
-    Output: ``output_dir``, ``checkpoint_every``, ``keep_last``, ``log_every``.
+    Attributes:
+        teacher: a Wan2.1 diffusers folder or its transformer/ folder (or a WanTransformer3DModel
+            config mapping: a random teacher seeded by ``seed``).
+        method: the training method (a name of ``tmd_train.methods.METHODS`` that trains with this config).
+        data: "shapes" (the toy world), "synthetic" or a dataset folder (docs/design.md §5).
+        synthetic_samples: number of samples of data=synthetic and data=shapes.
+        synthetic_latent_size: latent (F, H, W) of data=synthetic.
+        synthetic_text_len: text length of data=synthetic.
+        num_workers: DataLoader worker processes (0: load in the training process).
+        batch_size: samples per process and step.
+        steps: training steps.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW (beta1, beta2).
+        adam_eps: AdamW epsilon.
+        max_grad_norm: gradient clipping norm (<= 0: no clipping).
+        mixed_precision: "auto" (bf16 autocast on GPU, off on CPU), "bf16" or "no".
+        gradient_checkpointing: recompute the transformer blocks in backward (less memory, more time).
+        seed: seed of the initialisation, the data order and every random draw.
+        cpu_threads: torch CPU threads on CPU runs (0: torch's default; 1 is often fastest on a busy machine).
+        output_dir: the run folder (config, metrics, checkpoints, the final student/).
+        checkpoint_every: steps between checkpoints (and one at the last step).
+        keep_last: checkpoints kept (older ones are deleted).
+        log_every: steps between metric rows (and one at the last step).
     """
 
     teacher: str | dict | None = None
@@ -331,23 +449,23 @@ class TrainConfig:
     log_every: int = 10
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad shared field."""
+        """Raise ConfigError (a ValueError) naming the first bad shared field."""
         if self.teacher is None:
-            raise ValueError("teacher is required: a Wan2.1 diffusers folder or a WanTransformer3DModel config")
+            raise ConfigError("teacher is required: a Wan2.1 diffusers folder or a WanTransformer3DModel config")
         if isinstance(self.teacher, str) and not self.teacher:
-            raise ValueError("teacher must not be empty")
+            raise ConfigError("teacher must not be empty")
         if not self.data:
-            raise ValueError("data must be 'shapes', 'synthetic' or a dataset folder")
+            raise ConfigError("data must be 'shapes', 'synthetic' or a dataset folder")
         check_fields(self, choices={"mixed_precision": MIXED_PRECISIONS},
                      positive=("batch_size", "steps", "checkpoint_every", "keep_last", "log_every",
                                "synthetic_samples", "synthetic_text_len"),
                      non_negative=("num_workers", "seed", "cpu_threads"))
         if min(self.synthetic_latent_size) < 1:
-            raise ValueError(f"synthetic_latent_size must be positive, got {self.synthetic_latent_size}")
+            raise ConfigError(f"synthetic_latent_size must be positive, got {self.synthetic_latent_size}")
         check_learning_rates(self, ("lr",))
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must be in [0, 1), got {self.adam_betas}")
+            raise ConfigError(f"adam_betas must be in [0, 1), got {self.adam_betas}")
         if not self.adam_eps > 0:
-            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
+            raise ConfigError(f"adam_eps must be > 0, got {self.adam_eps}")

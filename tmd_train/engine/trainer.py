@@ -1,37 +1,59 @@
 """The one training loop: :func:`fit` drives any :class:`Method` (resume, progress bar, logging,
 checkpoint cadence, final export).
 
+Before the first step, :func:`~tmd_train.engine.checkpoint.prepare_run` checks the output folder: a fresh
+run into a folder that holds a run is refused unless ``overwrite``; a resume is verified (``latest`` falls
+back past damaged checkpoints) and a changed config refused unless ``allow_config_change`` (see there).
+
 A method owns its networks, optimizers and data order; per step the loop asks it for the batch
 (:meth:`Method.batches`), runs :meth:`Method.train_step`, averages the returned scalars over
 processes (NaN-aware) and logs them with the method's counters every ``log_every`` steps (and at
 the last step, and whenever :meth:`Method.log_now` says so); every ``checkpoint_every`` steps (and
 at the last) it writes a checkpoint. Checkpoint folder (``checkpoint-{step:07d}/``): the method's
 files (:meth:`Method.save`), ``config.yaml``, ``rng_state_{rank}.pt`` and ``state.json`` (``step``,
-``world_size`` and :meth:`Method.state`). At the end :meth:`Method.export` writes ``student/``.
+``world_size``, the run id, :meth:`Method.state` and every file's size and SHA-256). At the end
+:meth:`Method.export` writes ``student/`` (atomically, like a checkpoint). Checkpoint and export files get
+the permissions of the umask (0644 under the usual one).
 """
 from __future__ import annotations
 
+import abc
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointWriter, read_checkpoint_state, resolve_resume, rng_state, set_rng_state
-from .config import TrainConfig, save_config
+from ..errors import UserError
+from .checkpoint import (
+    EXPORT_DIR,
+    RESUMABLE_KEYS,
+    CheckpointError,
+    CheckpointWriter,
+    on_main,
+    prepare_run,
+    read_checkpoint_state,
+    rng_state,
+    set_rng_state,
+    write_folder,
+)
+from .config import TrainConfig, config_to_dict, save_config
 from .context import RunContext
 from .distributed import all_reduce_mean
 from .logging import ScalarLogger, Throughput
 
 
-class Method:
+class Method(abc.ABC):
     """The interface :func:`fit` drives; a training method subclasses it and registers itself
     (:func:`tmd_train.methods.register`).
 
     Class attributes: ``name`` (set by the registry), ``config_cls`` (the config it trains with),
-    ``samples_per_step`` (set by a method that logs ``samples_per_s``; None: not logged).
+    ``samples_per_step`` (set by a method that logs ``samples_per_s``; None: not logged),
+    ``resumable_keys`` (the config keys a resume may change without ``--allow-config-change``).
     Attributes kept by the loop: ``step`` (the last completed step) and ``timings`` (seconds per
     step, keyed by :meth:`step_kind`).
     """
@@ -39,6 +61,7 @@ class Method:
     name: str = ""
     config_cls: type[TrainConfig] = TrainConfig
     samples_per_step: int | None = None
+    resumable_keys: frozenset[str] = RESUMABLE_KEYS
 
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
@@ -74,13 +97,13 @@ class Method:
         """The last step of the run."""
         return self.cfg.steps
 
+    @abc.abstractmethod
     def batches(self, first_step: int) -> Iterator[Any]:
         """This process's batch of every step ``first_step..total_steps``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_step(self, step: int, batch: Any) -> dict[str, float]:
         """One step (forward, backward, guarded updates); returns this process's scalars."""
-        raise NotImplementedError
 
     def step_kind(self, step: int) -> str:
         """The kind of ``step`` (its timings are kept apart)."""
@@ -95,23 +118,24 @@ class Method:
         return {}
 
     def after_step(self, step: int, logger: ScalarLogger) -> None:
-        """Called after every step (collective): e.g. sample grids to TensorBoard."""
+        """Called after every step (collective): e.g. sample grids to TensorBoard. Nothing by default."""
+        return None
 
+    @abc.abstractmethod
     def save(self, folder: Path, is_main: bool) -> None:
         """Write the method's checkpoint files into ``folder`` (collective; main process writes)."""
-        raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
         """The method's counters for ``state.json``."""
         return {}
 
+    @abc.abstractmethod
     def load(self, folder: Path, state: dict[str, Any]) -> None:
         """Restore what :meth:`save` and :meth:`state` wrote."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def export(self, directory: Path) -> None:
         """Write the trained model to ``directory`` (collective; main process writes)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, writer: CheckpointWriter, step: int) -> Path:
@@ -124,12 +148,18 @@ class Method:
         return writer.save(step, write, {**self.state(), "world_size": self.world})
 
     def load_checkpoint(self, folder: Path) -> int:
-        """Restore a checkpoint (method state, this process's RNG states, the step); returns the step."""
+        """Restore a checkpoint (method state, this process's RNG states, the step); returns the step.
+        A file that cannot be read or does not fit the model is a :class:`CheckpointError` naming the folder."""
         state = read_checkpoint_state(folder)
-        self.load(folder, state)
-        rng_file = folder / f"rng_state_{self.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            self.load(folder, state)
+            rng_file = folder / f"rng_state_{self.rank}.pt"
+            if rng_file.is_file():
+                set_rng_state(torch.load(rng_file, weights_only=False))
+        except UserError:
+            raise
+        except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
+            raise CheckpointError(f"could not load checkpoint {folder}: {type(e).__name__}: {e}") from e
         self.step = int(state["step"])
         return self.step
 
@@ -139,19 +169,26 @@ class Method:
         return ", ".join(parts) or "no iterations"
 
 
-def fit(method: Method, resume: str | None = None) -> Path:
+def fit(method: Method, resume: str | None = None, *, overwrite: bool = False,
+        allow_config_change: bool = False) -> Path:
     """Train ``method`` to its ``total_steps``, resuming from ``resume`` (``"latest"``: the newest
-    checkpoint of the output folder, if any; or a checkpoint folder). Returns the exported
-    ``<output_dir>/student`` folder."""
+    complete checkpoint of the output folder, if any; or a checkpoint folder). Returns the exported
+    ``<output_dir>/student`` folder.
+
+    ``overwrite``: a fresh run may replace the run in its output folder (its files are deleted first);
+    ``allow_config_change``: a resume may change config keys that alter the run (recorded in
+    ``config_changes.jsonl``). Without them those cases raise a :class:`~tmd_train.errors.UserError`.
+    """
     cfg = method.cfg
     out = Path(cfg.output_dir)
-    start = resolve_resume(resume, out)
-    if start is not None:
-        method.load_checkpoint(start)
+    run = on_main(lambda: prepare_run(out, resume, config_to_dict(cfg), overwrite=overwrite,
+                                      allow_config_change=allow_config_change,
+                                      resumable_keys=method.resumable_keys), method.is_main)
+    if run.checkpoint is not None:
+        method.load_checkpoint(run.checkpoint)
     if method.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    writer = CheckpointWriter(out, cfg.keep_last, method.is_main)
+    writer = CheckpointWriter(out, cfg.keep_last, method.is_main, run_id=run.run_id)
     logger = ScalarLogger(out, method.is_main, resume_step=method.step)
     total = method.total_steps
     progress = tqdm(total=total, initial=method.step, disable=not method.is_main, desc=f"{method.name}")
@@ -179,8 +216,8 @@ def fit(method: Method, resume: str | None = None) -> Path:
             method.after_step(step, logger)
             if step % cfg.checkpoint_every == 0 or step == total:
                 method.save_checkpoint(writer, step)
-        final = out / "student"
-        method.export(final)
+        final = out / EXPORT_DIR
+        write_folder(final, lambda folder, is_main: method.export(folder), method.is_main, what="export")
     finally:
         progress.close()
         logger.close()

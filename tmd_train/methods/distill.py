@@ -35,6 +35,7 @@ replicated (its gradients averaged). Each process draws ``batch_size`` samples p
 """
 from __future__ import annotations
 
+import abc
 import copy
 import json
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,7 @@ from ..engine.logging import ScalarLogger
 from ..engine.optim import NonFiniteGuard, adamw, guarded_update
 from ..engine.seeding import derive_seed, seeded_generator
 from ..engine.trainer import Method
+from ..errors import DataError
 from ..models.discriminator import (
     Conv3DDiscriminator,
     gan_discriminator_loss,
@@ -77,27 +79,40 @@ SAMPLING_FILE = "tmd_sampling.json"
 
 @dataclass
 class Stage2Config(TrainConfig):
-    """Stage-2 options: the shared :class:`~tmd_train.engine.config.TrainConfig` fields, plus
+    """Stage-2 options: the shared :class:`~tmd_train.engine.config.TrainConfig` fields, plus these
+    (the DMD loss's as ``dmd.<key>``, see :class:`~tmd_train.objectives.dmd.DMDConfig`).
 
-    Method: ``method`` (``tmd`` | ``dmd2v``); ``init_student`` (tmd only: a stage-1
-    ``TMDStudent`` folder; None builds the student from the teacher with
-    ``head_blocks``/``fusion``/``head_time``).
-    Generator: ``outer_steps`` M, ``inner_steps`` N, ``outer_shift`` γ of the student grid (10),
-    ``t_max`` its top (0.999), ``inner_shift``, ``s_max``; ``unroll`` (True: gradients through
-    all N inner steps; False: only the last inner step ``s_1 → s_0`` carries gradient, see
-    :func:`~tmd_train.objectives.dmd.generator_sample`), ``unroll_checkpoint`` (recompute each
-    inner step in backward).
-    DMD: ``dmd``, a :class:`~tmd_train.objectives.dmd.DMDConfig` (``dmd.cfg_scale`` 5,
-    ``dmd.tau_shift`` γ of the DMD time τ (5), ``dmd.tau_min``/``dmd.tau_max`` its clip range,
-    ``dmd.fake_time``). GAN: ``gan_weight`` λ (0.03; 0 turns the discriminator off),
-    ``disc_blocks`` (0-based teacher blocks; None: ``default_blocks(L)``), ``disc_width``,
-    ``disc_depth``, ``disc_groups``.
-    KD warm-up (M = 1 only): ``kd_pairs`` (a ``kd`` dataset from ``python -m tmd_train.kd_pairs``),
-    ``kd_steps``, ``kd_lr`` (default ``lr``).
-    Optimisation: ``steps`` (DMD iterations, after ``kd_steps``), ``generator_every`` (5), ``lr``
-    (1e-5, the generator), ``fake_lr``/``disc_lr`` (default ``lr``), ``ema_decay``, ``ema_start``.
-    Output: ``sample_every`` (sample grid of the EMA generator to TensorBoard every that many
-    steps; 0 = off).
+    Attributes:
+        method: "tmd" (DMD2-v with the TMD student) or "dmd2v" (the plain few-step baseline).
+        init_student: tmd only: a stage-1 TMDStudent folder (None: build it from the teacher).
+        head_blocks: H, the teacher's last blocks that form the flow head (without init_student).
+        fusion: "gated" or "concat" (without init_student).
+        head_time: "outer" or "inner" (without init_student).
+        outer_steps: M, the generator's outer steps.
+        inner_steps: N, the flow head's inner steps.
+        outer_shift: shift γ of the student's outer time grid.
+        inner_shift: shift γ of the inner grid.
+        t_max: top of the outer grid.
+        s_max: top of the inner grid.
+        unroll: gradients through all N inner steps (false: only the last inner step carries gradient).
+        unroll_checkpoint: recompute each inner step in backward (less memory).
+        dmd: the DMD and fake-score losses' options.
+        gan_weight: λ of the GAN loss (0 turns the discriminator off).
+        disc_blocks: 0-based teacher blocks feeding the discriminator (null: default_blocks(L)).
+        disc_width: channels of every discriminator head.
+        disc_depth: strided conv layers per discriminator head.
+        disc_groups: GroupNorm groups of the discriminator (must divide disc_width).
+        kd_pairs: a "kd" dataset from python -m tmd_train.kd_pairs (the KD warm-up, M = 1 only).
+        kd_steps: KD warm-up steps before the DMD iterations.
+        kd_lr: learning rate of the KD warm-up (null: lr).
+        steps: DMD iterations (after kd_steps).
+        generator_every: one generator update every that many iterations.
+        lr: the generator's AdamW learning rate.
+        fake_lr: the fake score's learning rate (null: lr).
+        disc_lr: the discriminator's learning rate (null: lr).
+        ema_decay: decay of the generator's EMA (the exported weights).
+        ema_start: generator updates before the EMA starts.
+        sample_every: steps between EMA sample grids in TensorBoard (0: off).
     """
 
     method: str = "tmd"
@@ -206,12 +221,12 @@ def open_kd(folder: str, teacher_config: dict) -> LatentDataset:
     """The ``kd`` dataset of ``kd_pairs`` (checked against the teacher's channels and text width)."""
     ds = LatentDataset(folder)
     if ds.kind != "kd":
-        raise ValueError(f"kd_pairs {folder} holds {ds.kind!r} samples; it must be a 'kd' dataset "
-                         "(python -m tmd_train.kd_pairs)")
+        raise DataError(f"kd_pairs {folder} holds {ds.kind!r} samples; it must be a 'kd' dataset "
+                        "(python -m tmd_train.kd_pairs)")
     if ds.shapes["noise"][0] != teacher_config["in_channels"] or ds.shapes["text_emb"][1] != teacher_config["text_dim"]:
-        raise ValueError(f"kd_pairs {folder}: noise {ds.shapes['noise']} / text_emb {ds.shapes['text_emb']} do not "
-                         f"fit the teacher (in_channels={teacher_config['in_channels']}, "
-                         f"text_dim={teacher_config['text_dim']})")
+        raise DataError(f"kd_pairs {folder}: noise {ds.shapes['noise']} / text_emb {ds.shapes['text_emb']} do not "
+                        f"fit the teacher (in_channels={teacher_config['in_channels']}, "
+                        f"text_dim={teacher_config['text_dim']})")
     return ds
 
 
@@ -295,30 +310,30 @@ class Distillation(Method):
     def check_config(cls, cfg: Stage2Config) -> None:
         """Method-specific config checks (ValueError naming the key)."""
 
+    @abc.abstractmethod
     def build_generator(self) -> tuple[WanTransformer3DModel, nn.Module, nn.ModuleList, dict[str, Any]]:
         """``(teacher, generator, generator's transformer blocks, teacher config)`` on CPU, float32."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def generator_root(self, generator: nn.Module) -> nn.Module:
         """The generator's FSDP root: ``forward(x0, x1, t, text, y1)`` returns ``x̂``."""
-        raise NotImplementedError
 
     def inner_noise(self, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor | None:
         """The generator's extra noise of a sample (drawn after ``t`` and ``x1``), or None."""
         return None
 
+    @abc.abstractmethod
     def empty_generator(self) -> nn.Module:
         """A weightless copy of the generator's architecture (to load a full state dict into)."""
-        raise NotImplementedError
 
     def write_generator(self, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
         """The generator folder (main process) plus ``tmd_sampling.json``."""
         (directory / SAMPLING_FILE).write_text(json.dumps(self.sampling_settings(), indent=1) + "\n")
 
+    @abc.abstractmethod
     def sample(self, model: nn.Module, text: torch.Tensor, shape: tuple[int, ...],
                generator: torch.Generator) -> torch.Tensor:
         """Few-step samples ``x0`` of the (unsharded) generator ``model``."""
-        raise NotImplementedError
 
     def sampling_settings(self) -> dict[str, Any]:
         """What ``tmd_sampling.json`` records: method and the few-step sampler's settings."""

@@ -11,6 +11,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
 
+from ..errors import ConfigError, MissingFileError, UserError
 from ..models.student import TMDStudent
 from ..models.teacher import load_teacher
 
@@ -52,7 +53,10 @@ def build_models(teacher: str | Mapping, seed: int, *, need_teacher: bool, init_
     build the same models.
 
     Raises:
-        ValueError: ``init_student`` does not match the configured student or teacher.
+        MissingFileError (a ``FileNotFoundError``): ``init_student`` is not a student folder (the
+            message says what it is, e.g. a ``method=dmd2v`` output, and what is expected).
+        ConfigError (a ``ValueError``): ``init_student`` does not match the configured student or
+            teacher.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -60,14 +64,32 @@ def build_models(teacher: str | Mapping, seed: int, *, need_teacher: bool, init_
         if init_student is None:
             return (model if need_teacher else None), TMDStudent.from_teacher(model, copy=need_teacher,
                                                                               **student_options)
-    student = TMDStudent.from_pretrained(init_student, torch_dtype=torch.float32)
+    try:
+        student = TMDStudent.from_pretrained(init_student, torch_dtype=torch.float32)
+    except UserError as e:
+        raise type(e)(f"init_student: {e}") from None
     for key, value in student_options.items():
         if getattr(student.config, key) != value:
-            raise ValueError(f"init_student {init_student} has {key}={getattr(student.config, key)!r}, "
-                             f"the config says {value!r}")
-    if model is not None and student.teacher_config != teacher_config(model):
-        raise ValueError(f"init_student {init_student} was built on another teacher architecture")
+            raise ConfigError(f"init_student {init_student} has {key}={getattr(student.config, key)!r}, "
+                              f"the config says {value!r}")
+    architecture = teacher_config(model) if model is not None else teacher_architecture(teacher)
+    if student.teacher_config != architecture:
+        raise ConfigError(f"init_student {init_student} was built on another teacher architecture")
     return model, student
+
+
+def teacher_architecture(teacher: str | Mapping) -> dict[str, Any]:
+    """The teacher's architecture, as :func:`teacher_config` gives it, without loading its weights: from
+    the config mapping, or from the ``config.json`` of the folder (its ``transformer/`` subfolder for a
+    Wan2.1 diffusers folder)."""
+    if isinstance(teacher, Mapping):
+        return teacher_config(empty_wan(teacher))
+    folder = Path(teacher)
+    if (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"
+    if not (folder / "config.json").is_file():
+        raise MissingFileError(f"teacher {teacher}: no config.json (a Wan2.1 diffusers folder or its transformer/)")
+    return teacher_config(empty_wan(WanTransformer3DModel.load_config(str(folder))))
 
 
 def _empty_wan(config: Mapping[str, Any]) -> WanTransformer3DModel:

@@ -13,7 +13,7 @@ global batch and draws its randomness from a generator seeded by ``(seed, step, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from ..data.sources import DataSource, collate
 from ..engine.checkpoint import gather_state, load_state, strip_prefix
 from ..engine.config import TrainConfig, check_fields
 from ..engine.data import StepSampler, open_training_data, step_loader
-from ..engine.distributed import average_gradients, local_tensor, shard_fsdp2
+from ..engine.distributed import all_reduce_mean, average_gradients, local_tensor, shard_fsdp2
 from ..engine.optim import NonFiniteGuard, adamw, guarded_update, lr_at
 from ..engine.seeding import seeded_generator
 from ..engine.trainer import Method
@@ -42,16 +42,19 @@ LOG_KEYS = ("loss", "mse", "loss_fd", "loss_tm", "frac_fd", "frac_dropped", "t_m
 
 @dataclass
 class Stage1Config(TrainConfig):
-    """Stage-1 options: the shared :class:`~tmd_train.engine.config.TrainConfig` fields, plus
+    """Stage-1 options: the shared :class:`~tmd_train.engine.config.TrainConfig` fields, plus these
+    (the objective's as ``objective.<key>``, see
+    :class:`~tmd_train.objectives.tm_meanflow.TMMeanFlowConfig`).
 
-    Method: ``method`` (``tm_meanflow`` | ``tm``).
-    Student: ``init_student`` (optional: start from this ``TMDStudent`` folder instead of the
-    teacher), ``head_blocks`` H, ``fusion``, ``head_time``.
-    Objective: ``objective``, a :class:`~tmd_train.objectives.tm_meanflow.TMMeanFlowConfig`
-    (``objective.inner_steps`` N, ``objective.outer_steps`` M, ``objective.cfg_scale``,
-    ``objective.cfg_source``, ``objective.cond_dropout``, ``objective.equal_fraction`` (r = s
-    fraction), ``objective.c_scale`` (c = c_scale·d), ``objective.delta``, …).
-    Optimisation: ``grad_accum_steps``, ``warmup_steps`` (linear learning-rate warm-up).
+    Attributes:
+        method: "tm_meanflow" (TM-MeanFlow) or "tm" (plain transition matching, r = s).
+        init_student: start from this TMDStudent folder instead of the teacher (optional).
+        head_blocks: H, the teacher's last blocks that form the flow head.
+        fusion: "gated" (exact teacher at init) or "concat" (paper App. B.3).
+        head_time: "outer" (head time embedding of t plus zero-init ones of s, s-r) or "inner".
+        objective: the TM-MeanFlow objective's options.
+        grad_accum_steps: gradient accumulation steps per optimizer step.
+        warmup_steps: linear learning-rate warm-up steps.
     """
 
     method: str = "tm_meanflow"
@@ -76,16 +79,27 @@ class Stage1Config(TrainConfig):
 class Stage1Model(nn.Module):
     """The FSDP root: holds the student; ``forward`` evaluates the objective, so every student
     call of a step (backbone, head with grad, the no-grad FD and CFG passes) runs inside one
-    root forward."""
+    root forward. ``any_process`` (set when sharded) is the objective's or-reduction over the
+    processes that decides whether the FD pass runs anywhere (docs/design.md §1.4)."""
 
-    def __init__(self, student: TMDStudent, objective: TMMeanFlowConfig) -> None:
+    def __init__(self, student: TMDStudent, objective: TMMeanFlowConfig,
+                 any_process: Callable[[bool], bool] | None = None) -> None:
         super().__init__()
         self.student = student
         self.objective = objective
+        self.any_process = any_process
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
                 teacher: WanTransformer3DModel | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return tm_meanflow(self.student, batch, self.objective, generator, teacher=teacher)
+        return tm_meanflow(self.student, batch, self.objective, generator, teacher=teacher,
+                           any_process=self.any_process)
+
+
+def any_process_on(device: torch.device) -> Callable[[bool], bool]:
+    """The logical or of a flag over all processes (one all-reduce of one number on ``device``)."""
+    def reduce(flag: bool) -> bool:
+        return bool(all_reduce_mean(torch.tensor([float(flag)], dtype=torch.float64, device=device))[0] > 0)
+    return reduce
 
 
 @register("tm_meanflow")
@@ -115,7 +129,7 @@ class TMMeanFlow(Method):
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         self.student = student
-        self.model = Stage1Model(student, objective)
+        self.model = Stage1Model(student, objective, any_process_on(self.device) if self.world > 1 else None)
         self.teacher: WanTransformer3DModel | None = None
         if teacher is not None:
             teacher.requires_grad_(False)

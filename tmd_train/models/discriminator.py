@@ -1,10 +1,11 @@
 """The stage-2 GAN discriminator: Conv3D heads on unpatchified frozen-teacher features
 (docs/design.md §1.5 and §2.6; arXiv:2601.09881 App. A.3).
 
-Blocks: the paper uses blocks 15, 22, 29 of the 30-block 1.3B teacher. We read these as 1-based
-block numbers, i.e. the outputs of 0-based ``blocks[14]``, ``blocks[21]``, ``blocks[28]``; for
-another depth L the 1-based numbers are ``round(L·{0.5, 0.733, 0.967})`` (half up), clamped to
-``[1, L]`` and de-duplicated (L=40: 0-based 19, 28, 38; L=4: 1, 2, 3).
+Blocks (0-based indices into ``teacher.blocks``): the paper's lists, (15, 22, 29) for the 30-block
+1.3B teacher and (19, 29, 39) for the 40-block 14B teacher, both end at ``L - 1``, so they are
+0-based and include the last block. Both are the last block and the blocks ``k`` and ``2k`` before
+it with ``k = ⌊L/4⌋``; :func:`default_blocks` applies that rule to every depth (``k`` at least 1,
+clipped to ``[0, L-1]``, de-duplicated): L=6 (the toy teacher): 3, 4, 5; L=4: 1, 2, 3; L=2: 0, 1.
 
 Losses (non-saturating, averaged over heads, mean over the batch):
 ``gan_generator_loss = softplus(-D(fake))``, ``gan_discriminator_loss = softplus(D(fake)) +
@@ -14,7 +15,6 @@ generator's loss by :data:`GAN_WEIGHT` (λ = 0.03).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,19 +25,16 @@ from torch import nn
 from .teacher import wan_timestep
 
 GAN_WEIGHT = 0.03
-BLOCK_FRACTIONS = (0.5, 0.733, 0.967)
 
 
 def default_blocks(num_layers: int) -> tuple[int, ...]:
-    """0-based teacher block indices whose outputs feed the heads (module docstring)."""
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    out: list[int] = []
-    for f in BLOCK_FRACTIONS:
-        k = min(max(int(math.floor(num_layers * f + 0.5)), 1), num_layers) - 1
-        if k not in out:
-            out.append(k)
-    return tuple(out)
+    """The discriminator's default 0-based teacher blocks for an ``L = num_layers``-block teacher:
+    ``(L-1-2k, L-1-k, L-1)`` with ``k = max(1, ⌊L/4⌋)``, clipped to ``[0, L-1]`` and de-duplicated
+    (ascending). Reproduces the paper: L=30 -> (15, 22, 29), L=40 -> (19, 29, 39)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    k = max(1, num_layers // 4)
+    return tuple(sorted({max(num_layers - 1 - j * k, 0) for j in (2, 1, 0)}))
 
 
 def teacher_block_features(teacher: WanTransformer3DModel, x_t: torch.Tensor, t: torch.Tensor,

@@ -29,8 +29,9 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 import tmd_ext
 
+from ..errors import ConfigError, MissingFileError
 from .fusion import ConcatFusion, GatedFusion
-from .teacher import wan_timestep
+from .teacher import cast_keeping_fp32, wan_timestep
 from .time_embed import SmoothTimeEmbedding
 
 FUSIONS = ("gated", "concat")
@@ -39,6 +40,41 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "tmd-student"
 FORMAT_VERSION = 1
+STUDENT_FOLDER = ("a TMD student folder (config.json + model.safetensors, written by stage 1 or by stage 2 "
+                  "with method=tmd)")
+
+
+def check_student_folder(directory: Path) -> Path:
+    """``directory / config.json`` if ``directory`` can be a student folder; otherwise a
+    :class:`~tmd_train.errors.MissingFileError` that says what ``directory`` is instead."""
+    if not directory.exists():
+        raise MissingFileError(f"student folder not found: {directory}; expected {STUDENT_FOLDER}")
+    if not directory.is_dir():
+        raise MissingFileError(f"{directory} is a file, not {STUDENT_FOLDER}")
+    config_path = directory / CONFIG_NAME
+    if config_path.is_file():
+        return config_path
+    if (directory / "student" / CONFIG_NAME).is_file():
+        raise MissingFileError(f"{directory} is a training run's output folder, not {STUDENT_FOLDER}; "
+                               f"its final student is {directory / 'student'}")
+    if (directory / "transformer" / CONFIG_NAME).is_file():
+        raise MissingFileError(f"{directory} is a Wan diffusers model folder (a teacher), not {STUDENT_FOLDER}")
+    raise MissingFileError(f"{directory} has no {CONFIG_NAME}: it is not {STUDENT_FOLDER}")
+
+
+def _plain_model_kind(directory: Path, cfg: dict) -> str:
+    """What a folder holding a diffusers ``config.json`` (``_class_name``) is, in words."""
+    name = cfg["_class_name"]
+    sampling = directory / "tmd_sampling.json"
+    method = None
+    if sampling.is_file():
+        with contextlib.suppress(ValueError, AttributeError):
+            method = json.loads(sampling.read_text()).get("method")
+    if method == "dmd2v":
+        return f"a DMD2-v few-step generator (stage 2 with method=dmd2v: a plain {name} folder)"
+    if name == "WanTransformer3DModel":
+        return f"a plain {name} folder (a teacher transformer or a method=dmd2v generator)"
+    return f"a diffusers {name} folder"
 
 
 @dataclass
@@ -204,26 +240,47 @@ class TMDStudent(nn.Module):
                         device: torch.device | str | None = None) -> TMDStudent:
         """Load a student written by :meth:`save_pretrained` (no teacher folder needed).
 
+        Args:
+            directory: the student folder (``config.json`` + ``model.safetensors``).
+            torch_dtype: dtype of the weights (default: as stored, float32). As for the teacher
+                (:func:`~tmd_train.models.teacher.load_teacher`), the modules Wan keeps in float32
+                (RoPE tables, time embedder, ``scale_shift_table``, float32 LayerNorms) stay float32
+                (:func:`~tmd_train.models.teacher.cast_keeping_fp32`); the student's own layers
+                take ``torch_dtype``.
+            device: where to put the student (default: CPU).
         Raises:
-            FileNotFoundError: ``directory`` or its ``config.json``/``model.safetensors`` is missing.
-            ValueError: the config is not a tmd student config of a known version.
+            MissingFileError (a ``FileNotFoundError``): ``directory`` does not exist, is not a
+                student folder (the message says what it is instead: a run's output folder, a Wan
+                diffusers model folder, a plain ``WanTransformer3DModel`` folder such as a
+                ``method=dmd2v`` generator, or anything else) or lacks ``model.safetensors``.
+            ConfigError (a ``ValueError``): ``config.json`` is not JSON or not a tmd student config
+                of a known version.
         """
         directory = Path(directory)
-        for p in (directory, directory / CONFIG_NAME, directory / WEIGHTS_NAME):
-            if not p.exists():
-                raise FileNotFoundError(f"student checkpoint incomplete: {p} not found")
-        cfg = json.loads((directory / CONFIG_NAME).read_text())
+        config_path = check_student_folder(directory)
+        try:
+            cfg = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_path} is not valid JSON ({e}); expected {STUDENT_FOLDER}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{config_path} is not a JSON object; expected {STUDENT_FOLDER}")
+        if "_class_name" in cfg:
+            raise MissingFileError(f"{directory} is {_plain_model_kind(directory, cfg)}, not {STUDENT_FOLDER}")
         if cfg.get("format") != FORMAT or cfg.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / CONFIG_NAME} is not a '{FORMAT}' v{FORMAT_VERSION} config "
-                             f"(format={cfg.get('format')!r}, version={cfg.get('version')!r})")
+            raise ConfigError(f"{config_path} is not a '{FORMAT}' v{FORMAT_VERSION} config "
+                              f"(format={cfg.get('format')!r}, version={cfg.get('version')!r})")
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise MissingFileError(f"student folder incomplete: {weights} not found")
         tcfg = dict(cfg["transformer"])
         tcfg["patch_size"] = tuple(tcfg["patch_size"])
         with init_empty_weights(include_buffers=False):
             transformer = WanTransformer3DModel.from_config(tcfg)
             student = cls(transformer, StudentConfig(**cfg["student"]))
-        student.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True, assign=True)
-        if torch_dtype is not None or device is not None:
-            student.to(device=device, dtype=torch_dtype)
+        student.load_state_dict(load_file(str(weights)), strict=True, assign=True)
+        cast_keeping_fp32(student, torch_dtype)
+        if device is not None:
+            student.to(device=device)
         return student
 
     # ---------------------------------------------------------------- properties

@@ -6,11 +6,13 @@ by :func:`wan_timestep` only.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
+from torch import nn
 
 TIME_SCALE = 1000.0
 
@@ -36,13 +38,45 @@ def _model_folder(path: Path) -> tuple[Path, str | None]:
         f"(a Wan2.1 diffusers model folder) or {path / 'config.json'} (its transformer/ folder)")
 
 
-def cast_keeping_fp32(model: WanTransformer3DModel, dtype: torch.dtype) -> None:
-    """Cast the parameters to ``dtype`` except those of the modules Wan keeps in float32
-    (``_keep_in_fp32_modules``), as ``from_pretrained(torch_dtype=...)`` does."""
-    keep = set(model._keep_in_fp32_modules or ())
-    for name, p in model.named_parameters():
-        target = torch.float32 if keep.intersection(name.split(".")) else dtype
-        p.data = p.data.to(target)
+def fp32_tensor_names(model: nn.Module) -> set[str]:
+    """Names (as in ``model.named_parameters()`` / ``named_buffers()``) of the floating-point
+    parameters and buffers that belong to a module Wan keeps in float32: for every diffusers model
+    inside ``model`` (``model`` itself, a student's ``transformer``, a wrapper's ``teacher``), the
+    tensors under one of its ``_keep_in_fp32_modules`` (``WanTransformer3DModel``: the RoPE tables,
+    the time embedder, every ``scale_shift_table`` and the blocks' float32 LayerNorms), matched by
+    path component as ``from_pretrained(torch_dtype=...)`` matches them."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+        if not keep:
+            continue
+        head = f"{prefix}." if prefix else ""
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if tensor.is_floating_point() and keep.intersection(name.split(".")):
+                names.add(head + name)
+    return names
+
+
+def cast_keeping_fp32(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Cast ``model``'s floating-point parameters and buffers to ``dtype`` in place, except those of
+    :func:`fp32_tensor_names`, which become float32 — what diffusers' ``from_pretrained(torch_dtype=
+    dtype)`` does to a Wan model, for any module tree that holds Wan models (teacher, student, fake
+    score, few-step generator). Parameters stay the same ``nn.Parameter`` objects. ``dtype=None``
+    changes nothing. Returns ``model``."""
+    if dtype is None:
+        return model
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    keep = fp32_tensor_names(model)
+    for prefix, module in model.named_modules():
+        head = f"{prefix}." if prefix else ""
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(torch.float32 if head + name in keep else dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point():
+                module._buffers[name] = b.to(torch.float32 if head + name in keep else dtype)
+    return model
 
 
 def load_teacher(path_or_config: str | Path | Mapping, *, torch_dtype: torch.dtype | None = None,

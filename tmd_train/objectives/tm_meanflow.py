@@ -6,9 +6,14 @@ Per sample::
     m = backbone(x_t, t, text)                                       # with gradients
     y = x1 - x,  y1 ~ N,  (s, r) ~ sampler,  y_s = (1-s)·y + s·y1,  v_in = y1 - y
     u = y1 - head(y_s, s, r; m)                                      # with gradients
-    du/ds ≈ [u(y_s + (s⁺-s)·v_in, s⁺, r) - u(y_s + (s⁻-s)·v_in, s⁻, r)] / (s⁺ - s⁻)   # no grad
-    v_g = ω·v_in + (1-ω)·u_uncond,   u_uncond = y1 - v_teacher(x_t, t, ∅)              # no grad
+    v_g = ω·v_in + (1-ω)·u_uncond,   u_uncond = y1 - head(y_s, s, s; backbone(x_t, t, ∅))   # no grad
+    du/ds ≈ [u(y_s + (s⁺-s)·v_g, s⁺, r) - u(y_s + (s⁻-s)·v_g, s⁻, r)] / (s⁺ - s⁻)         # no grad
     û = sg(v_g - (s-r)·du/ds),  loss = ‖u - û‖² / sg(‖u - û‖² + c)   (tmd_ext.meanflow_fd_loss)
+
+The guidance is MeanFlow's: the derivative is taken along the guided field ``v_g`` (tangent
+``(v_g, 1, 0)`` in ``(y, s, r)``), and the unconditional velocity is the student's own ``r = s``
+prediction with the negative prompt (``cfg_source="student"``); ``cfg_source="teacher"`` takes
+``u_uncond = y1 - v_teacher(x_t, t, ∅)`` from the frozen teacher instead.
 
 (s, r) sampler: ``s = clip(shift(U, γ=3), 0.001, 0.999)``; ``r`` = the largest point ``≤ s`` of
 the inner grid (N steps, shift γ=10, top 0.999); on a fraction of the samples (default 75%)
@@ -25,14 +30,16 @@ plain ``v_in``) on a fraction of the samples. ``variant="tm"`` is the plain TM a
 Randomness: every draw comes from the ``generator`` argument, in a fixed order (dropout, t,
 x1, y1, s, r=s choice), so a seeded generator repeats a step exactly.
 
-The sequence of module calls depends on the config only, never on the draws: a pass with no rows
-to process (no r≠s row, every row dropped) runs on one stand-in row and discards it. FSDP needs
-this — every process must issue the same collectives in the same order.
+Module calls and collectives: under FSDP every process must issue the same collectives in the
+same order, and the FD pass all-gathers the head's blocks. A batch with no ``r ≠ s`` row skips
+the FD pass — unless ``any_process`` (an or-reduction over the processes) says another process
+runs it, in which case this one runs it on one stand-in row and discards the result. The
+unconditional pass with every row dropped likewise runs on one stand-in row.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -65,14 +72,16 @@ class TMMeanFlowConfig:
         equal_fraction: probability per sample of ``r = s`` (0.75).
         delta: finite-difference step δ (5e-3).
         cfg_scale: ω of the CFG target ``v_g = ω·v_in + (1-ω)·u_uncond`` (3; 1 disables it).
-        cfg_source: ``"teacher"`` (``u_uncond = y1 - v_teacher(x_t, t, ∅)``, frozen teacher) or
-            ``"student"`` (the student's own ``r = s`` prediction with the negative text).
+        cfg_source: ``"student"`` (default, MeanFlow's: ``u_uncond`` is the student's own ``r = s``
+            prediction at ``(y_s, s)`` with the negative text, no grad) or ``"teacher"``
+            (``u_uncond = y1 - v_teacher(x_t, t, ∅)``, the frozen teacher).
         cond_dropout: probability per sample of replacing the text by the negative prompt (0.1).
         c_scale: the loss constant as a multiple of d (elements per sample): ``c = c_scale·d``
             (1 for 1.3B, 1e-5 for 14B).
         fd_autocast: run the derivative pass under the caller's autocast like the rest of the
             step (True), or with autocast off at the weights' precision (False, default: with
-            float32 weights the difference of its two rows is not buried in bf16 rounding).
+            float32 weights the difference of its two rows is not buried in bf16 rounding;
+            docs/design.md §1.4 gives the measured errors).
     """
 
     variant: str = field(default="tm_meanflow", metadata={"set_by": "method"})
@@ -88,7 +97,7 @@ class TMMeanFlowConfig:
     equal_fraction: float = 0.75
     delta: float = 5e-3
     cfg_scale: float = 3.0
-    cfg_source: str = "teacher"
+    cfg_source: str = "student"
     cond_dropout: float = 0.1
     c_scale: float = 1.0
     fd_autocast: bool = False
@@ -171,24 +180,24 @@ def select_features(feats: Features, rows: torch.Tensor, repeats: int = 1,
 
 
 @torch.no_grad()
-def fd_head_pass(student: TMDStudent, feats: Features, y_s: torch.Tensor, v_in: torch.Tensor,
+def fd_head_pass(student: TMDStudent, feats: Features, y_s: torch.Tensor, v: torch.Tensor,
                  y1: torch.Tensor, s: torch.Tensor, r: torch.Tensor, s_plus: torch.Tensor,
                  s_minus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused FD-JVP pass: ONE no-grad head pass over ``2B'`` rows.
 
-    Evaluates ``u = y1 - head(y, σ, r; m)`` at ``(y_s + (s⁺-s)·v_in, s⁺)`` and
-    ``(y_s + (s⁻-s)·v_in, s⁻)`` — two points of the conditional path ``y_σ = (1-σ)·y + σ·y1``
-    (whose ``dy/dσ = v_in``) with ``r`` and the features fixed.
+    Evaluates ``u = y1 - head(y, σ, r; m)`` at ``(y_s + (s⁺-s)·v, s⁺)`` and
+    ``(y_s + (s⁻-s)·v, s⁻)``: two points along the tangent ``(v, 1, 0)`` in ``(y, σ, r)``, with
+    the features fixed. The objective passes the guided velocity ``v = v_g``.
 
     Args:
         feats: backbone :class:`Features` of these ``B'`` rows (not repeated).
-        y_s, v_in, y1: ``[B', C, F, H, W]``.
+        y_s, v, y1: ``[B', C, F, H, W]``.
         s, r, s_plus, s_minus: ``[B']`` times.
     Returns:
         ``(u_plus, u_minus)``, each ``[B', C, F, H, W]`` in the dtype of ``y1``.
     """
     def at(t: torch.Tensor) -> torch.Tensor:
-        return y_s + per_sample(t - s, y_s) * v_in
+        return y_s + per_sample(t - s, y_s) * v
     y_pm = torch.cat([at(s_plus), at(s_minus)])
     out = student.head(y_pm, torch.cat([s_plus, s_minus]), torch.cat([r, r]), feats.repeat(2))
     u_plus, u_minus = (torch.cat([y1, y1]) - out.to(y1.dtype)).chunk(2)
@@ -212,18 +221,18 @@ def forward_ad_friendly() -> Iterator[None]:
             setattr(tmd_ext, n, fn)
 
 
-def exact_total_derivative(student: TMDStudent, feats: Features, y_s: torch.Tensor, v_in: torch.Tensor,
+def exact_total_derivative(student: TMDStudent, feats: Features, y_s: torch.Tensor, v: torch.Tensor,
                            y1: torch.Tensor, s: torch.Tensor, r: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, du/ds)`` with the exact total derivative along the conditional path: forward-mode
+    """``(u, du/ds)`` with the exact total derivative along the tangent ``(v, 1, 0)``: forward-mode
     ``torch.func.jvp`` of ``u(y, σ) = y1 - head(y, σ, r; m)`` at ``(y_s, s)`` with tangent
-    ``(v_in, 1)`` (and 0 for ``r`` and the features). Shapes as in :func:`fd_head_pass`.
+    ``(v, 1)`` (and 0 for ``r`` and the features). Shapes as in :func:`fd_head_pass`.
     The ground truth of the FD pass (tests) and the "exact" provider of the benchmark; the
     primal ``u`` keeps its autograd graph when grad mode is on."""
     def u_of(y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return y1 - student.head(y, sigma, r, feats).to(y1.dtype)
     with forward_ad_friendly():
-        return torch.func.jvp(u_of, (y_s, s), (v_in, torch.ones_like(s)))
+        return torch.func.jvp(u_of, (y_s, s), (v, torch.ones_like(s)))
 
 
 def cfg_target(v_in: torch.Tensor, u_uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -237,9 +246,9 @@ def cfg_target(v_in: torch.Tensor, u_uncond: torch.Tensor | None, scale: float) 
 def unconditional_velocity(student: TMDStudent, teacher: WanTransformer3DModel | None, source: str,
                            x_t: torch.Tensor, t: torch.Tensor, negative: torch.Tensor, y_s: torch.Tensor,
                            s: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
-    """``u_uncond`` of the CFG target (no grad), ``[B, C, F, H, W]`` in the dtype of ``y1``:
-    ``y1 - v_teacher(x_t, t, ∅)`` (``source="teacher"``) or the student's own ``r = s``
-    prediction ``y1 - head(y_s, s, s; backbone(x_t, t, ∅))`` (``source="student"``)."""
+    """``u_uncond`` of the CFG target (no grad), ``[B, C, F, H, W]`` in the dtype of ``y1``: the
+    student's own ``r = s`` prediction ``y1 - head(y_s, s, s; backbone(x_t, t, ∅))``
+    (``source="student"``, MeanFlow's) or ``y1 - v_teacher(x_t, t, ∅)`` (``source="teacher"``)."""
     if source == "teacher":
         if teacher is None:
             raise ValueError("cfg_source='teacher' needs the frozen teacher (teacher=None was passed)")
@@ -270,13 +279,14 @@ def _check_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 # ---------------------------------------------------------------------------- the objective
 def _rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``(rows, len(rows))``, or ``([0], 0)`` when empty: the pass then runs on one stand-in row
-    whose result is discarded, so the sequence of module calls never depends on the draws."""
+    whose result is discarded, so that it issues the same collectives as on the other processes."""
     n = rows.numel()
     return (rows, n) if n else (torch.zeros(1, dtype=rows.dtype, device=rows.device), 0)
 
 
 def tm_meanflow(student: TMDStudent, batch: dict[str, torch.Tensor], cfg: TMMeanFlowConfig,
-                generator: torch.Generator, *, teacher: WanTransformer3DModel | None = None
+                generator: torch.Generator, *, teacher: WanTransformer3DModel | None = None,
+                any_process: Callable[[bool], bool] | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One TM-MF (or TM) loss evaluation on a batch.
 
@@ -289,6 +299,9 @@ def tm_meanflow(student: TMDStudent, batch: dict[str, torch.Tensor], cfg: TMMean
         cfg: :class:`TMMeanFlowConfig`.
         generator: the source of every random draw (seed it by (seed, step, rank)).
         teacher: the frozen teacher (needed for ``cfg_source="teacher"`` with ``cfg_scale != 1``).
+        any_process: with several processes, the logical or of a flag over all of them (a
+            collective; called once per TM-MF evaluation on every process, with "this batch has an
+            ``r ≠ s`` row"). None: this process decides alone (one process, or no sharding).
     Returns:
         ``(loss_dict, log_dict)``: ``loss_dict["loss"]`` is the scalar to backpropagate (mean of
         the per-sample loss); ``log_dict`` holds detached scalars ``loss``, ``mse`` (mean
@@ -314,20 +327,7 @@ def tm_meanflow(student: TMDStudent, batch: dict[str, torch.Tensor], cfg: TMMean
     feats = student.backbone(x_t, t, text_c)
     u = student.velocity(y_s, s, r, feats, y1)
 
-    s_plus, s_minus = fd_times(s, cfg.delta)
-    u_plus = torch.zeros_like(u)
-    u_minus = torch.zeros_like(u)
-    if cfg.variant == "tm_meanflow":
-        fd_rows, n_fd = _rows((r != s).nonzero().squeeze(1))
-        amp = contextlib.nullcontext() if cfg.fd_autocast else torch.autocast(device.type, enabled=False)
-        fd_dtype = None if cfg.fd_autocast else student.dtype
-        with amp:
-            up, um = fd_head_pass(student, select_features(feats, fd_rows, dtype=fd_dtype),
-                                  *(z.index_select(0, fd_rows) for z in (y_s, v_in, y1, s, r, s_plus, s_minus)))
-        if n_fd:
-            u_plus.index_copy_(0, fd_rows, up.to(u.dtype))
-            u_minus.index_copy_(0, fd_rows, um.to(u.dtype))
-
+    # the guided velocity: the target AND the tangent of the derivative
     v_g = v_in
     if cfg.cfg_scale != 1.0:
         kept, n_kept = _rows((~dropped).nonzero().squeeze(1))
@@ -339,6 +339,24 @@ def tm_meanflow(student: TMDStudent, batch: dict[str, torch.Tensor], cfg: TMMean
         if n_kept:
             v_g = v_in.clone()
             v_g.index_copy_(0, kept, cfg_target(pick(v_in), u_unc.to(v_in.dtype), cfg.cfg_scale))
+
+    s_plus, s_minus = fd_times(s, cfg.delta)
+    u_plus = torch.zeros_like(u)
+    u_minus = torch.zeros_like(u)
+    if cfg.variant == "tm_meanflow":
+        rows = (r != s).nonzero().squeeze(1)
+        n_fd = rows.numel()
+        run = any_process(n_fd > 0) if any_process is not None else n_fd > 0
+        if run:
+            fd_rows, n_fd = _rows(rows)
+            amp = contextlib.nullcontext() if cfg.fd_autocast else torch.autocast(device.type, enabled=False)
+            fd_dtype = None if cfg.fd_autocast else student.dtype
+            with amp:
+                up, um = fd_head_pass(student, select_features(feats, fd_rows, dtype=fd_dtype),
+                                      *(z.index_select(0, fd_rows) for z in (y_s, v_g, y1, s, r, s_plus, s_minus)))
+            if n_fd:
+                u_plus.index_copy_(0, fd_rows, up.to(u.dtype))
+                u_minus.index_copy_(0, fd_rows, um.to(u.dtype))
 
     c = cfg.c_scale * float(u[0].numel())
     loss, mse = tmd_ext.meanflow_fd_loss(u, u_plus, u_minus, v_g, s, r, s_plus, s_minus, c)

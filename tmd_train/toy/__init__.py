@@ -14,6 +14,7 @@ Its trained weights are shipped in ``tmd_train/toy/assets/toy_teacher/`` (a diff
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,9 @@ def require_toy_teacher() -> Path:
     """``TOY_TEACHER_DIR`` if the shipped weights are there; FileNotFoundError saying what to do otherwise."""
     if not toy_teacher_available():
         raise FileNotFoundError(
-            f"the toy teacher is not in {TOY_TEACHER_DIR}: train it with `python -m tmd_train.toy.train_teacher` "
-            "or pass teacher=<a Wan2.1 diffusers folder> (and data=<dataset folder>)")
+            f"the toy teacher is not in {TOY_TEACHER_DIR}: train it with `python -m tmd_train.toy.train_teacher "
+            f"--out {TOY_TEACHER_DIR} --replace-shipped` or pass teacher=<a Wan2.1 diffusers folder> "
+            "(and data=<dataset folder>)")
     return TOY_TEACHER_DIR
 
 
@@ -60,3 +62,18 @@ def toy_defaults(**values: Any) -> dict[str, Any]:
         FileNotFoundError: the toy teacher is not there; the message says what to pass instead.
     """
     return {"teacher": str(require_toy_teacher()), "data": "shapes", **values}
+
+
+def toy_config_mismatch(config: Mapping[str, Any]) -> str | None:
+    """Why a ``WanTransformer3DModel`` config (a dict, as in its ``config.json``) cannot run in the toy world,
+    or None if it can: it must take and return RGB clips (``in_channels = out_channels = 3``), read toy text
+    embeddings (``text_dim = TEXT_DIM``) and have a patch size that tiles a ``TOY_CLIP_SHAPE`` clip."""
+    problems = []
+    for key, want in (("in_channels", 3), ("out_channels", 3), ("text_dim", text_encoder.TEXT_DIM)):
+        if config.get(key) != want:
+            problems.append(f"{key}={config.get(key)!r}, the toy world needs {want}")
+    patch = config.get("patch_size")
+    if (not isinstance(patch, (list, tuple)) or len(patch) != 3
+            or any(not isinstance(p, int) or p < 1 or n % p for p, n in zip(patch, TOY_CLIP_SHAPE[1:], strict=True))):
+        problems.append(f"patch_size={patch!r} does not tile a {'x'.join(map(str, TOY_CLIP_SHAPE[1:]))} clip")
+    return "; ".join(problems) or None

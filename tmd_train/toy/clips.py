@@ -24,15 +24,17 @@ written by ``python -m tmd_train.toy.clips --out DIR --n N`` stores the clips th
 """
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.format import DatasetWriter
+from ..data.format import INDEX_FILE, DatasetWriter
+from ..errors import ArgumentParser, OutputError, check_output_dir, run_main
 from . import text_encoder
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -278,23 +280,45 @@ def write_dataset(out: str, n: int, seed: int = 0, config: WorldConfig | None = 
             w.add_batch(prompts, latents=videos, text_emb=emb, text_mask=mask)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m tmd_train.toy.clips --out DIR --n N [--seed S] [--p-two P]``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m tmd_train.toy.clips --out DIR --n N [--seed S] [--p-two P] [--overwrite]``.
+
+    ``--overwrite`` replaces an earlier dataset folder only once the new one is complete; a file, or a
+    non-empty folder that is not a dataset, is never replaced. User errors raise
+    :class:`~tmd_train.errors.UserError` before anything is written."""
+    ap = ArgumentParser(prog="python -m tmd_train.toy.clips", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="dataset folder to create")
     ap.add_argument("--n", type=int, required=True, help="number of clips")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--p-two", type=float, default=0.0, help="probability of a two-object clip")
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier dataset in --out (once the new one "
+                                                             "is complete)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = ap.parse_args(argv)
     if args.n < 1:
-        ap.error("--n must be >= 1")
-    write_dataset(args.out, args.n, seed=args.seed, config=WorldConfig(p_two=args.p_two),
-                  shard_size=args.shard_size, dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+        ap.error(f"--n must be >= 1, got {args.n}")
+    if args.shard_size < 1:
+        ap.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    try:
+        world = WorldConfig(p_two=args.p_two)
+    except ValueError as e:
+        ap.error(f"--p-two: {e}")
+    out = Path(args.out)
+    check_output_dir(out, "--out")
+    if out.exists():
+        if not args.overwrite:
+            raise OutputError(f"--out {out} already exists; pass --overwrite to replace it (only once the new "
+                              "dataset is complete) or choose another --out")
+        if any(out.iterdir()) and not (out / INDEX_FILE).is_file():
+            raise OutputError(f"--out {out} is a non-empty folder but not a dataset (no {INDEX_FILE}); it is not "
+                              "replaced: remove it or choose another --out")
+    write_dataset(args.out, args.n, seed=args.seed, config=world, shard_size=args.shard_size,
+                  dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
     print(f"wrote {args.n} clips to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ArgumentParser, MissingFileError, check_output_dir, run_main
 from ..models.teacher import load_teacher
 from ..sampling import effective_nfe, sample_few_step, sample_teacher, sample_tmd
 from . import TOY_CLIP_SHAPE, require_toy_teacher, text_encoder
@@ -220,7 +221,8 @@ def run(out: Path, settings: DemoSettings, threads: int | None = None) -> dict:
         _stage(module, args)
         timings[name] = time.perf_counter() - t0
 
-    common = [f"teacher={teacher_dir}", "data=shapes", "checkpoint_every=100000", "log_every=10"]
+    # --overwrite: a rerun of the demo replaces the runs of the previous one in <out>
+    common = ["--overwrite", f"teacher={teacher_dir}", "data=shapes", "checkpoint_every=100000", "log_every=10"]
     kd_dir = out / "kd_pairs"
     if kd_dir.exists():
         shutil.rmtree(kd_dir)
@@ -395,8 +397,8 @@ def update_readme(out: Path, readme: Path, docs: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tmd_train.toy.demo", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m tmd_train.toy.demo", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--fast", action="store_true", default=os.environ.get("DEMO_FAST", "") not in ("", "0"),
                     help="tiny smoke-test sizes (also DEMO_FAST=1)")
@@ -404,9 +406,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--update-readme", action="store_true", help="copy the table and pictures into README.md")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite report.md (and the README with --update-readme) from an earlier run's results.json")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = ap.parse_args(argv)
     settings = DemoSettings.fast() if args.fast else DemoSettings()
     out = Path(args.out)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    check_output_dir(out, "--out")
+    if args.report_only and not (out / "results.json").is_file():
+        raise MissingFileError(f"--report-only: {out / 'results.json'} not found (run the demo into --out {out} first)")
+    if not args.report_only:
+        try:
+            require_toy_teacher()
+        except FileNotFoundError as e:
+            raise MissingFileError(str(e)) from None
     if args.report_only:
         rewrite_report(out)
     else:
@@ -418,4 +431,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

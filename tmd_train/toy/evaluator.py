@@ -13,7 +13,8 @@ Architecture (default sizes)::
     [mean, max] over (F, H, W) → Linear(128→64) → SiLU = features    [64]
     heads: Linear(64→3), Linear(64→4), Linear(64→4)
 
-Training (``python -m tmd_train.toy.evaluator --train --out tmd_train/toy/assets/evaluator.safetensors``)
+Training (``python -m tmd_train.toy.evaluator --train --out tmd_train/toy/assets/evaluator.safetensors
+--replace-shipped --overwrite``)
 draws fresh single-object clips every step from world seed :data:`TRAIN_SEED` (no clip is seen
 twice), with light augmentation so the evaluator also reads imperfect generations: with probability
 0.5 Gaussian noise of std ``U[0, 0.2]``, with probability 0.3 a 3×3 spatial box blur. Accuracy is
@@ -22,8 +23,8 @@ their config, seed, step count and accuracy in the safetensors metadata.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import ArgumentParser, MissingFileError, OutputError, check_output_dir, run_main
 from . import ASSETS
 from .clips import ATTRIBUTE_NAMES, ATTRIBUTES, WorldConfig, make_batch
 
@@ -190,13 +192,18 @@ def default_evaluator() -> ClipEvaluator:
     return load_evaluator()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``--train --out PATH`` trains and saves; ``--check [PATH]`` reports held-out accuracy."""
-    ap = argparse.ArgumentParser(description="TinyBench evaluator of the moving-shapes world")
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``--train --out PATH`` trains and saves; ``--check [--weights PATH]`` reports held-out accuracy.
+    Writing the shipped weights needs ``--replace-shipped``, replacing any other file ``--overwrite``."""
+    ap = ArgumentParser(prog="python -m tmd_train.toy.evaluator", description="TinyBench evaluator of the "
+                        "moving-shapes world")
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="train from scratch and save to --out")
     mode.add_argument("--check", action="store_true", help="held-out accuracy of --weights")
-    ap.add_argument("--out", default=str(ASSET_PATH))
+    ap.add_argument("--out", default=None, help="weights file to write (--train; the shipped one needs "
+                                                "--replace-shipped)")
+    ap.add_argument("--replace-shipped", action="store_true", help=f"allow --out to be {ASSET_PATH}")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ap.add_argument("--weights", default=None, help="weights for --check (default: the shipped ones)")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -204,7 +211,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-val", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = ap.parse_args(argv)
+    for name in ("steps", "batch_size", "n_val"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.train:
+        if args.out is None:
+            ap.error("--train needs --out PATH (the weights file to write)")
+        out = Path(args.out)
+        if out.exists() and out.is_dir():
+            raise OutputError(f"--out {out} is a folder; pass a file path (e.g. {out / 'evaluator.safetensors'})")
+        check_output_dir(out.parent, "--out")
+        if out.resolve() == ASSET_PATH.resolve() and not args.replace_shipped:
+            raise OutputError(f"--out {out} is the shipped evaluator TinyBench scores with; pass --replace-shipped "
+                              "(and --overwrite) to retrain it there, or another --out")
+        if out.exists() and not args.overwrite:
+            raise OutputError(f"--out {out} already exists; pass --overwrite to replace it, or another --out")
+    if args.check and args.weights is not None and not Path(args.weights).is_file():
+        raise MissingFileError(f"--weights {args.weights}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train:
@@ -217,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = load_evaluator(args.weights)
         clips, _, labels = make_batch(args.n_val, VAL_SEED, WorldConfig(p_two=0.0))
         print(json.dumps(accuracy(model, clips, labels), indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

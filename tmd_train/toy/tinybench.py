@@ -32,19 +32,21 @@ CLI::
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..data.format import LatentDataset
+from ..data.format import DatasetFormatError, LatentDataset
+from ..errors import ArgumentParser, DataError, MissingFileError, OutputError, UserError, run_main
 from .clips import ATTRIBUTE_NAMES, WorldConfig, parse_prompt, render_prompts, sample_prompts
 from .evaluator import ClipEvaluator, default_evaluator, load_evaluator
 
@@ -182,25 +184,68 @@ def save_clips(folder: str | os.PathLike, clips: torch.Tensor, prompts: Sequence
             f.write(json.dumps({"id": i, "prompt": p}) + "\n")
 
 
+class ClipsFolderError(DataError):
+    """A clips folder, dataset or sampler that cannot be scored; the message names the file (and line)."""
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a ``prompts.jsonl`` (one ``{"id": i, "prompt": "..."}`` per line, blank lines skipped),
+    each a prompt of the toy world. Raises :class:`ClipsFolderError` naming the file and the line."""
+    path = Path(path)
+    prompts = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ClipsFolderError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ClipsFolderError(f"{where}: not JSON ({e.msg}); expected {{\"id\": i, \"prompt\": \"...\"}}") from e
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ClipsFolderError(f"{where}: expected an object with a string 'prompt', got {line.strip()[:80]}")
+        try:
+            parse_prompt(record["prompt"])
+        except ValueError as e:
+            raise ClipsFolderError(f"{where}: {record['prompt']!r} is not a prompt of the toy world "
+                                   "('a <colour> <shape> moving <direction>' [' and ' ...])") from e
+        prompts.append(record["prompt"])
+    return prompts
+
+
 def load_clips(folder: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
-    """Read a folder written by :func:`save_clips`: ``(clips [N, 3, F, H, W], prompts)``."""
+    """Read a folder written by :func:`save_clips`: ``(clips [N, 3, F, H, W], prompts)``.
+
+    Raises:
+        MissingFileError: a file is missing. ClipsFolderError: a file is unreadable, a line of prompts.jsonl is
+            not a toy prompt record, or the counts differ; the message names the file (and line).
+    """
     folder = Path(folder)
     for name in ("clips.safetensors", "prompts.jsonl"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: {name} is missing (expected clips.safetensors + prompts.jsonl)")
-    tensors = load_file(str(folder / "clips.safetensors"))
+            raise MissingFileError(f"{folder}: {name} is missing (expected clips.safetensors + prompts.jsonl)")
+    try:
+        tensors = load_file(str(folder / "clips.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise ClipsFolderError(f"{folder / 'clips.safetensors'}: not a readable safetensors file ({e})") from e
     if "clips" not in tensors:
-        raise ValueError(f"{folder / 'clips.safetensors'} has no 'clips' tensor (keys: {sorted(tensors)})")
-    prompts = [json.loads(line)["prompt"] for line in (folder / "prompts.jsonl").read_text().splitlines()
-               if line.strip()]
-    return tensors["clips"], prompts
+        raise ClipsFolderError(f"{folder / 'clips.safetensors'} has no 'clips' tensor (keys: {sorted(tensors)})")
+    prompts = read_prompts(folder / "prompts.jsonl")
+    clips = tensors["clips"]
+    if clips.ndim < 1 or clips.shape[0] != len(prompts):
+        raise ClipsFolderError(f"{folder}: clips.safetensors holds {tuple(clips.shape)} clips but prompts.jsonl "
+                               f"{len(prompts)} prompts (one per clip)")
+    return clips, prompts
 
 
 def load_dataset_clips(folder: str | os.PathLike, n: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """The first ``n`` (default all) samples of a toy-world dataset as ``(clips, prompts)``."""
     ds = LatentDataset(folder)
     if ds.kind != "latents" or ds.shapes["latents"] != CLIP_SHAPE:
-        raise ValueError(f"{folder}: not a toy-world pixel dataset (kind {ds.kind!r}, shapes {ds.shapes})")
+        raise ClipsFolderError(f"{folder}: not a toy-world pixel dataset (kind {ds.kind!r}, shapes {ds.shapes})")
     count = len(ds) if n is None else min(n, len(ds))
     clips = torch.stack([ds[i]["latents"].to(torch.float32) for i in range(count)])
     return clips, ds.prompts[:count]
@@ -216,13 +261,20 @@ def world_sampler(prompts: Sequence[str], generator: torch.Generator) -> torch.T
 def _load_sampler(spec: str) -> Callable[[list[str], torch.Generator], torch.Tensor]:
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"--sampler must be 'package.module:function', got {spec!r}")
-    return getattr(importlib.import_module(module), name)
+        raise UserError(f"--sampler must be 'package.module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"--sampler {spec}: {e}") from e
+    if not callable(fn):
+        raise UserError(f"--sampler {spec}: {name} is not a function")
+    return fn
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """CLI (see the module doc). Prints the scores as JSON and optionally writes them to ``--json``."""
-    ap = argparse.ArgumentParser(description="TinyBench for the moving-shapes world")
+    """CLI (see the module doc). Prints the scores as JSON and optionally writes them to ``--json``; returns them.
+    User errors raise :class:`~tmd_train.errors.UserError` (``python -m`` prints them as one ``error:`` line)."""
+    ap = ArgumentParser(prog="python -m tmd_train.toy.tinybench", description="TinyBench for the moving-shapes world")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--clips", help="folder with clips.safetensors (key 'clips') and prompts.jsonl")
     src.add_argument("--dataset", help="a toy-world dataset folder")
@@ -235,22 +287,48 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ap.add_argument("--evaluator", default=None, help="evaluator weights (default: the shipped ones)")
     ap.add_argument("--json", default=None, help="also write the scores here")
     args = ap.parse_args(argv)
+    for name, value in (("--n", args.n), ("--n-ref", args.n_ref)):
+        if value < 2:
+            raise UserError(f"{name} must be >= 2, got {value}")
+    if not 0.0 <= args.p_two <= 1.0:
+        raise UserError(f"--p-two must be in [0, 1], got {args.p_two}")
     world = WorldConfig(p_two=args.p_two)
     if args.clips:
+        source = f"--clips {args.clips}"
         clips, prompts = load_clips(args.clips)
     elif args.dataset:
-        clips, prompts = load_dataset_clips(args.dataset, args.n)
+        source = f"--dataset {args.dataset}"
+        try:
+            clips, prompts = load_dataset_clips(args.dataset, args.n)
+        except (FileNotFoundError, DatasetFormatError) as e:
+            raise ClipsFolderError(f"{source}: {e}") from e
     else:
+        source = f"--sampler {args.sampler}"
         prompts = sample_prompts(args.n, args.seed, world)
         clips = _load_sampler(args.sampler)(prompts, torch.Generator().manual_seed(args.seed))
-    evaluator = load_evaluator(args.evaluator) if args.evaluator else None
+    try:
+        _check_clips(clips, prompts)
+    except ValueError as e:
+        raise ClipsFolderError(f"{source}: {e}") from e
+    try:
+        evaluator = load_evaluator(args.evaluator) if args.evaluator else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--evaluator {args.evaluator}: {e}") from e
     scores = tinybench(clips, prompts, n_ref=args.n_ref, ref_seed=args.ref_seed, evaluator=evaluator)
     text = json.dumps(scores, indent=1)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        try:
+            Path(args.json).write_text(text + "\n")
+        except OSError as e:
+            raise OutputError(f"--json {args.json}: cannot write the scores ({e.strerror or e})") from e
     return scores
 
 
+def _cli(argv: Sequence[str]) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(_cli))

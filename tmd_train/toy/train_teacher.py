@@ -1,7 +1,11 @@
 """Train the toy world's teacher: a tiny pixel-space ``WanTransformer3DModel`` (see
 :mod:`tmd_train.toy`) on the moving-shapes clips, with rectified flow matching.
 
-    python -m tmd_train.toy.train_teacher [--out tmd_train/toy/assets/toy_teacher] [--steps 1200] [--threads 2]
+    python -m tmd_train.toy.train_teacher --out runs/toy_teacher [--steps 1200] [--threads 2]
+
+``--out`` is required. Writing the shipped teacher (``tmd_train/toy/assets/toy_teacher``, what every
+toy run uses) also needs ``--replace-shipped``; an ``--out`` that already holds a model needs
+``--resume`` (continue its checkpoint) or ``--overwrite``. These are checked before training starts.
 
 Training (the defaults; every choice is a flag):
 
@@ -34,6 +38,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from tqdm.auto import tqdm
 
+from ..errors import ArgumentParser, OutputError, check_output_dir, run_main
 from ..models.teacher import load_teacher, teacher_velocity
 from . import TOY_CLIP_SHAPE, TOY_TEACHER_CONFIG, TOY_TEACHER_DIR, text_encoder
 from .clips import WorldConfig, make_batch
@@ -145,10 +150,24 @@ def train(out: Path, steps: int = 1200, batch_size: int = 24, lr: float = 1e-3, 
     return record
 
 
+def check_out(out: Path, *, replace_shipped: bool, overwrite: bool, resume: bool) -> None:
+    """OutputError unless the teacher may be written to ``out`` (module docstring)."""
+    check_output_dir(out, "--out")
+    if out.resolve() == TOY_TEACHER_DIR.resolve() and not replace_shipped:
+        raise OutputError(f"--out {out} is the shipped toy teacher that every toy run uses; pass --replace-shipped "
+                          "to retrain it there, or another --out")
+    if (out / "config.json").is_file() and not (resume or overwrite):
+        raise OutputError(f"--out {out} already holds a model; pass --resume to continue its checkpoint, "
+                          "--overwrite to replace it, or another --out")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tmd_train.toy.train_teacher", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(TOY_TEACHER_DIR), help="output model folder (default: the shipped one)")
+    ap = ArgumentParser(prog="python -m tmd_train.toy.train_teacher", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output model folder (the shipped one needs --replace-shipped)")
+    ap.add_argument("--replace-shipped", action="store_true",
+                    help=f"allow --out to be the shipped toy teacher ({TOY_TEACHER_DIR})")
+    ap.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -162,10 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from <out>.ckpt/state.pt if present")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="leave after this many steps with a checkpoint (continue later with --resume)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = ap.parse_args(argv)
+    check_out(Path(args.out), replace_shipped=args.replace_shipped, overwrite=args.overwrite, resume=args.resume)
     for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
         if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (args.lr > 0 and 0 <= args.ema_decay < 1 and 0 <= args.cond_dropout < 1):
         ap.error("need --lr > 0, 0 <= --ema-decay < 1, 0 <= --cond-dropout < 1")
     if args.threads:
@@ -183,4 +204,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
