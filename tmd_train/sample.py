@@ -51,6 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import ArgumentParser, OutputError, UserError, run_main
+from .files import normalize_permissions
 from .models import TMDStudent, load_teacher
 from .models.student import CONFIG_NAME, FORMAT
 from .sampling import Sample, sample_few_step, sample_teacher, sample_tmd, sample_tmd_looped
@@ -344,6 +345,7 @@ def write_toy_outputs(outs: Sequence[Path], clips: torch.Tensor, prompts: Sequen
         else:
             save_file({"latents": clips.float().cpu().contiguous()}, str(out),
                       metadata={**meta, "prompts": json.dumps(list(prompts))})
+            normalize_permissions(out)
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -560,6 +562,7 @@ def run(args: argparse.Namespace) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"model": str(folder), "kind": kind, "nfe": f"{result.nfe:.6g}", "seed": str(args.seed)}
         save_file({"latents": result.x0.float().cpu().contiguous()}, str(out), metadata=meta)
+        normalize_permissions(out)
     summary = {"kind": kind, "world": "wan", "label": label, "nfe": result.nfe, "seconds": seconds, "out": str(out),
                "latent_shape": list(shape)}
     print(f"{label}: NFE {result.nfe:.3f}, sampling {seconds:.2f} s -> {out}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -210,3 +211,16 @@ def test_negative_errors(tmp_path, gen):
     (folder / "negative.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="negative.safetensors is missing"):
         load_negative(folder)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path, gen, mask):
+    """safetensors leaves its files 0600; a dataset's files get the mode a plain open() gives."""
+    old = os.umask(mask)
+    try:
+        _write(tmp_path / "ds", 5, gen)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "ds").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~mask}

@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import DataError, MissingFileError, OutputError
+from ..files import normalize_permissions
 
 FORMAT_NAME = "tmd-dataset"
 FORMAT_VERSION = 1
@@ -280,6 +281,7 @@ class DatasetWriter:
                 raise DatasetExistsError(f"{self.folder} appeared while writing")
             old = self.folder.parent / f".{self.folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.folder, old)
+        normalize_permissions(self._tmp)
         os.rename(self._tmp, self.folder)
         if old is not None:
             shutil.rmtree(old)

@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ConfigError, MissingFileError, OutputError
+from ..files import normalize_permissions
 from .config import yaml_load
 from .distributed import barrier, is_distributed
 from .logging import METRICS_FILE, strict_json, warn
@@ -170,28 +171,6 @@ def folder_manifest(folder: str | Path) -> dict[str, dict[str, Any]]:
     digests = _sha256_all(files)
     return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d}
             for p, d in zip(files, digests, strict=True)}
-
-
-def current_umask() -> int:
-    """The process's umask (read from ``/proc`` where possible, so it is never changed, even briefly)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def normalize_permissions(folder: str | Path) -> None:
-    """Give every file under ``folder`` the mode a plain ``open()`` gives (``0o666 & ~umask``, 0644 under
-    the usual umask): safetensors writes through a private temporary file and leaves weights 0600."""
-    mode = 0o666 & ~current_umask()
-    for p in Path(folder).rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            os.chmod(p, mode)
 
 
 # ---------------------------------------------------------------------------- checkpoint folders

@@ -39,6 +39,7 @@ from diffusers import WanTransformer3DModel
 from tqdm.auto import tqdm
 
 from ..errors import ArgumentParser, OutputError, check_output_dir, run_main
+from ..files import normalize_permissions
 from ..models.teacher import load_teacher, teacher_velocity
 from . import TOY_CLIP_SHAPE, TOY_TEACHER_CONFIG, TOY_TEACHER_DIR, text_encoder
 from .clips import WorldConfig, make_batch
@@ -147,6 +148,7 @@ def train(out: Path, steps: int = 1200, batch_size: int = 24, lr: float = 1e-3, 
     out.mkdir(parents=True, exist_ok=True)
     ema.save_pretrained(out, safe_serialization=True)
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    normalize_permissions(out)
     return record
 
 
