@@ -20,7 +20,7 @@ READY := $(VENV)/.tmd-installed
 endif
 
 DEPS := numpy ninja pytest expecttest ruff safetensors tqdm pyyaml "diffusers>=0.33" "transformers>=4.45" \
-        "accelerate>=1.0" sentencepiece imageio imageio-ffmpeg tensorboard matplotlib
+        "accelerate>=1.0" sentencepiece imageio imageio-ffmpeg tensorboard matplotlib "peft>=0.13" "av>=12"
 
 .PHONY: test demo bench build clean lint FORCE
 
