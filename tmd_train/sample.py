@@ -15,6 +15,12 @@
 A ``tmd_sampling.json`` in the folder (written by ``python -m tmd_train.stage2``) supplies the
 defaults of a distilled model: outer steps M, inner steps N and the grid shifts it was trained for.
 
+**Wan world** models are sampled through :class:`tmd_train.TMDPipeline` (docs/design.md §8.1), loaded with
+only the components the run needs. ``--prompts FILE`` (one prompt per line) writes one mp4 per prompt into
+the folder ``--out`` (default ``samples/``), named ``<prompt>-0.mp4`` as VBench names videos, the i-th
+prompt (from 0) with seed ``--seed + i``. ``--attention-backend`` picks diffusers' attention kernel
+(:mod:`tmd_train.models.attention`).
+
 **Wan world.** The prompt is encoded with ``text_encoder/`` (``UMT5EncoderModel``) and ``tokenizer/``
 found in the model folder or in ``--components DIR`` (a Wan diffusers folder) by
 :class:`~tmd_train.text.umt5.PromptEncoder`, as diffusers' ``WanPipeline`` does (padded to
@@ -40,21 +46,21 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from .errors import ArgumentParser, OutputError, UserError, run_main
+from .evaluation.vbench import video_name
 from .files import normalize_permissions
 from .models import TMDStudent, load_teacher
+from .models.attention import ATTENTION_BACKENDS, set_attention_backend
 from .models.student import CONFIG_NAME, FORMAT
-from .sampling import Sample, sample_few_step, sample_teacher, sample_tmd, sample_tmd_looped
+from .sampling.models import TEACHER_CFG, TEACHER_STEPS, sample_model, sampler_label
 from .toy import TOY_CLIP_SHAPE, text_encoder, toy_config_mismatch
 from .toy.clips import COLOURS, DIRECTIONS, SHAPES, parse_prompt
 
@@ -67,8 +73,6 @@ DEFAULT_SCALE_SPATIAL = 8
 # Wan video defaults (480p, 81 frames at 16 fps); the toy world's clips are fixed at 8 x 32 x 32.
 DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_FRAMES, DEFAULT_FPS = 480, 832, 81, 16
 DEFAULT_GIF_FPS = 6
-#: Teacher sampling defaults (docs/design.md §1.7; the toy demo samples its teacher the same way).
-TEACHER_STEPS, TEACHER_CFG = 50, 5.0
 TOY_SUFFIXES = (".png", ".gif", ".safetensors")
 TOY_GRAMMAR = ("a toy prompt is 'a <colour> <shape> moving <direction>', optionally followed by ' and a <colour> "
                f"<shape> moving <direction>'; colours: {', '.join(COLOURS)}; shapes: {', '.join(SHAPES)}; "
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the model's config fits the toy world")
     p.add_argument("--prompt", action="append", default=None,
                    help="text prompt (Wan: one, needs a text encoder; toy: repeat for several clips)")
+    p.add_argument("--prompts", default=None,
+                   help="a text file of prompts, one per line: one video each, written into the folder --out as "
+                        "'<prompt>-0.mp4' (VBench's naming), the i-th (from 0) with seed --seed + i")
     p.add_argument("--prompt-embeds", default=None,
                    help="precomputed prompt embedding: .safetensors with key text_emb [L, D] (Wan world)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (teacher CFG)")
@@ -121,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "toy world)")
     p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None,
                    help="inner flow through tmd_ext.FlowHeadLoop (default: on with CUDA)")
+    p.add_argument("--attention-backend", choices=tuple(ATTENTION_BACKENDS), default="native",
+                   help="attention kernel of the transformer (diffusers' attention dispatcher; flash needs "
+                        "pip install '.[flash]')")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -178,6 +188,12 @@ class ModelFolder:
 def inspect_model(folder: str | Path) -> ModelFolder:
     """Kind, sampling settings and transformer config of a model folder (user errors as :class:`UserError`)."""
     folder = Path(folder)
+    index = folder / "model_index.json"
+    if index.is_file() and _read_json(index, folder).get("_class_name") == "TMDPipeline":
+        from .pipeline import folder_kind  # a TMDPipeline folder: its transformer/ decides
+
+        inner = inspect_model(folder / "transformer")
+        return ModelFolder(folder, folder_kind(folder / "transformer"), inner.settings, inner.transformer_config)
     kind = model_kind(folder)
     if kind == "student":
         config = _read_json(folder / CONFIG_NAME, folder).get("transformer")
@@ -284,20 +300,6 @@ def latent_shape(frames: int, height: int, width: int, channels: int, patch: Seq
     return (1, channels, f, height // scale_s, width // scale_s)
 
 
-@torch.no_grad()
-def decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """``[1, C, F, H, W]`` normalised latents -> ``[F', H', W', 3]`` uint8 frames (Wan's
-    de-normalisation ``z·std + mean``, then ``vae.decode``, ``[-1, 1] -> [0, 255]``)."""
-    cfg = vae.config
-    dev = next(vae.parameters()).device
-    z = latents.to(dev, torch.float32)
-    mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=dev).view(1, -1, 1, 1, 1)
-    video = vae.decode(z * std + mean, return_dict=False)[0]  # [1, 3, F', H', W'] in [-1, 1]
-    video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return video[0].permute(1, 2, 3, 0).cpu()
-
-
 def write_mp4(path: Path, frames: torch.Tensor, fps: int) -> None:
     """``[F, H, W, 3]`` uint8 -> H.264 mp4 through imageio-ffmpeg."""
     import imageio
@@ -349,25 +351,6 @@ def write_toy_outputs(outs: Sequence[Path], clips: torch.Tensor, prompts: Sequen
 
 
 # ------------------------------------------------------------------------------ sampling
-@contextmanager
-def progress(module: nn.Module, total: int, desc: str, enabled: bool) -> Iterator[None]:
-    """A tqdm bar advanced by every forward of ``module`` (one per backbone pass or teacher pass)."""
-    if not enabled:
-        yield
-        return
-    bar = tqdm(total=total, desc=desc, unit="pass", file=sys.stderr)
-
-    def hook(*_) -> None:  # a pre-hook returning a value would replace the module's inputs
-        bar.update(1)
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-        bar.close()
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -383,45 +366,6 @@ def check_steps(kind: str, steps: int | None, inner_steps: int | None, cfg: floa
                 raise UserError(f"{name} must be >= 1, got {v}")
     elif steps is not None and steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
-
-
-def sample_model(model: nn.Module, kind: str, settings: Mapping, text: torch.Tensor, *, shape: Sequence[int],
-                 generator: torch.Generator, negative: torch.Tensor | None = None, steps: int | None = None,
-                 inner_steps: int | None = None, cfg: float | None = None, shift: float | None = None,
-                 inner_shift: float | None = None, loop: bool = False, show: bool = False) -> tuple[Sample, str, str]:
-    """Sample ``model`` (of :func:`model_kind` ``kind``, with its ``tmd_sampling.json`` ``settings``) for
-    ``text [B, L, D]`` from noise of ``shape`` drawn from ``generator``; options left None take the
-    folder's settings, else the defaults of docs/design.md §1.7. Returns the sample, a label and the
-    steps as the toy demo's table writes them (``M×(N=2)``, ``M``, ``50×2`` for a teacher with CFG)."""
-    if kind == "student":
-        M = steps or settings.get("outer_steps", 2)
-        N = inner_steps or settings.get("inner_steps", 2)
-        kw = {"shape": shape, "generator": generator, "M": M, "N": N,
-              "outer_shift": shift if shift is not None else settings.get("outer_shift", 10.0),
-              "inner_shift": inner_shift if inner_shift is not None else settings.get("inner_shift", 10.0),
-              "t_max": settings.get("t_max", 0.999), "s_max": settings.get("s_max", 0.999)}
-        with progress(model.transformer.condition_embedder, M, "TMD outer steps", show):
-            result = sample_tmd_looped(model, text, **kw) if loop else sample_tmd(model, text, **kw)
-        label = f"TMD student M={M} N={N} H={model.head_blocks} L={model.num_layers}" + (
-            " (FlowHeadLoop)" if loop else "")
-        steps_text = f"{M}×(N={N})"
-    elif kind == "few_step":
-        M = steps or settings.get("outer_steps", 4)
-        with progress(model.condition_embedder, M, "few-step student", show):
-            result = sample_few_step(model, text, shape=shape, generator=generator, steps=M,
-                                     shift=shift if shift is not None else settings.get("outer_shift", 10.0),
-                                     t_max=settings.get("t_max", 0.999))
-        label = f"DMD2-v student M={M}"
-        steps_text = f"{M}"
-    else:
-        steps, cfg = steps or TEACHER_STEPS, cfg if cfg is not None else TEACHER_CFG
-        passes = 1 if cfg == 1.0 or negative.shape[1] == text.shape[1] else 2
-        with progress(model.condition_embedder, steps * passes, "teacher steps", show):
-            result = sample_teacher(model, text, negative_text=negative, shape=shape, generator=generator,
-                                    steps=steps, cfg=cfg, shift=shift if shift is not None else 5.0)
-        label = f"teacher {steps} steps cfg={cfg}"
-        steps_text = f"{steps}×2" if cfg != 1.0 else f"{steps}"
-    return result, label, steps_text
 
 
 def _options(args: argparse.Namespace, device: str) -> dict:
@@ -458,6 +402,8 @@ def run_toy(args: argparse.Namespace, model_folder: ModelFolder) -> dict:
     text, negative = encode_toy(args.prompt, args.negative_prompt)
     dtype = DTYPES[args.dtype or "float32"]
     model = load_model(model_folder, dtype, device)
+    if args.attention_backend != "native":
+        set_attention_backend(model, args.attention_backend, key="--attention-backend")
     generator = torch.Generator().manual_seed(args.seed)
     shape = (len(args.prompt), *TOY_CLIP_SHAPE)
     _sync(device)
@@ -478,14 +424,32 @@ def run_toy(args: argparse.Namespace, model_folder: ModelFolder) -> dict:
             "out": [str(o) for o in outs], "latent_shape": list(shape)}
 
 
+def read_prompt_file(path: str) -> list[str]:
+    """The prompts of ``--prompts FILE``: one per line, blank lines skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--prompts {p}: no such file")
+    try:
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts {p}: not UTF-8 text ({e})") from e
+    if not prompts:
+        raise UserError(f"--prompts {p}: no prompts (one per line)")
+    return prompts
+
+
 def run(args: argparse.Namespace) -> dict:
     """Everything after argument parsing; returns a summary dict (also printed)."""
     device = args.device
     folder = Path(args.model)
     model_folder = inspect_model(folder)
+    if args.prompts is not None:
+        if args.prompt:
+            raise UserError("pass --prompt or --prompts, not both")
+        args.prompt = read_prompt_file(args.prompts)
     if resolve_world(args.world, model_folder) == "toy":
         return run_toy(args, model_folder)
-    kind, settings = model_folder.kind, model_folder.settings
+    kind = model_folder.kind
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     folders = [folder] + ([Path(args.components)] if args.components else [])
     if args.components and not Path(args.components).is_dir():
@@ -494,78 +458,104 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.prompt_embeds is None and not args.prompt:
         raise UserError("pass --prompt or --prompt-embeds")
-    if args.prompt and len(args.prompt) > 1:
-        raise UserError(f"one --prompt per Wan video, got {len(args.prompt)} (several prompts: the toy world)")
+    many = args.prompts is not None
+    if args.prompt and len(args.prompt) > 1 and not many:
+        raise UserError(f"one --prompt per Wan video, got {len(args.prompt)} (several: --prompts FILE --out DIR)")
+    if many and args.prompt_embeds is not None:
+        raise UserError("--prompts takes text prompts (encoded by the text encoder), not --prompt-embeds")
     if args.out and len(args.out) > 1:
         raise UserError(f"one --out per Wan video, got {len(args.out)}")
-    prompt = args.prompt[0] if args.prompt else None
     vae_dir = find_component("vae", folders)
-    out = Path(args.out[0]) if args.out else Path("sample.mp4" if vae_dir else "sample.safetensors")
-    if out.suffix not in (".mp4", ".safetensors"):
-        raise UserError(f"--out must end in .mp4 or .safetensors, got {out}")
-    if out.suffix == ".mp4" and vae_dir is None:
-        raise UserError(f"no vae/ in {', '.join(map(str, folders))}: an mp4 needs a VAE; "
-                        "write the latents with --out FILE.safetensors or pass --components")
+    if many:
+        out = Path(args.out[0]) if args.out else Path("samples")
+        if out.suffix in (".mp4", ".safetensors") or out.is_file():
+            raise UserError(f"--out {out}: with --prompts, --out is the folder the videos are written to")
+        if vae_dir is None:
+            raise UserError(f"no vae/ in {', '.join(map(str, folders))}: --prompts writes mp4s, which need a VAE; "
+                            "pass --components")
+    else:
+        out = Path(args.out[0]) if args.out else Path("sample.mp4" if vae_dir else "sample.safetensors")
+        if out.suffix not in (".mp4", ".safetensors"):
+            raise UserError(f"--out must end in .mp4 or .safetensors, got {out}")
+        if out.suffix == ".mp4" and vae_dir is None:
+            raise UserError(f"no vae/ in {', '.join(map(str, folders))}: an mp4 needs a VAE; "
+                            "write the latents with --out FILE.safetensors or pass --components")
+    write_video = many or out.suffix == ".mp4"
 
     # Text conditioning: [1, L, D] embeddings of the prompt (and of the negative prompt).
     needs_negative = kind == "teacher" and (args.cfg if args.cfg is not None else TEACHER_CFG) != 1.0
-    encoder = None
-    if args.prompt_embeds is None or (needs_negative and args.negative_prompt_embeds is None):
-        te, tok = find_component("text_encoder", folders), find_component("tokenizer", folders)
-        if te is None or tok is None:
-            raise UserError(f"no text_encoder/ + tokenizer/ in {', '.join(map(str, folders))}: pass "
-                            "--prompt-embeds (and --negative-prompt-embeds for CFG) or --components")
-        from .text.umt5 import PromptEncoder  # imports transformers: only where a UMT5 encoder is used
+    needs_encoder = args.prompt_embeds is None or (needs_negative and args.negative_prompt_embeds is None)
+    if needs_encoder and (find_component("text_encoder", folders) is None
+                          or find_component("tokenizer", folders) is None):
+        raise UserError(f"no text_encoder/ + tokenizer/ in {', '.join(map(str, folders))}: pass "
+                        "--prompt-embeds (and --negative-prompt-embeds for CFG) or --components")
+    text = load_embedding(args.prompt_embeds, "--prompt-embeds") if args.prompt_embeds is not None else None
+    negative = (load_embedding(args.negative_prompt_embeds, "--negative-prompt-embeds")
+                if needs_negative and args.negative_prompt_embeds else None)
 
-        encoder = PromptEncoder(te, tok, device, dtype, args.max_text_len)
-    text = (load_embedding(args.prompt_embeds, "--prompt-embeds") if args.prompt_embeds is not None
-            else encoder(prompt))
-    negative = None
-    if needs_negative:
-        negative = (load_embedding(args.negative_prompt_embeds, "--negative-prompt-embeds")
-                    if args.negative_prompt_embeds else encoder(args.negative_prompt))
-    del encoder
+    # The pipeline: the model, and the components this run needs (nothing else is loaded).
+    from .pipeline import TMDPipeline
 
-    # The model.
-    model = load_model(model_folder, dtype, device)
-    transformer = model.transformer if kind == "student" else model
-    tc = transformer.config
-    if text.shape[-1] != tc.text_dim:
+    skip = {} if needs_encoder else {"text_encoder": None, "tokenizer": None}
+    if not write_video:
+        skip["vae"] = None
+    try:
+        pipe = TMDPipeline.from_pretrained(folder, wan=args.components, torch_dtype=dtype, **skip)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {folder}: cannot load the {kind.replace('_', '-')} model ({e})") from e
+    pipe.to(device)
+    if args.attention_backend != "native":
+        set_attention_backend(pipe.wan_transformer, args.attention_backend, key="--attention-backend")
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    tc = pipe.wan_transformer.config
+    if text is not None and text.shape[-1] != tc.text_dim:
         raise UserError(f"the prompt embedding has width {text.shape[-1]} but the model expects "
                         f"text_dim={tc.text_dim}")
-    vae = None
-    if out.suffix == ".mp4":
-        from diffusers import AutoencoderKLWan
-
-        vae = AutoencoderKLWan.from_pretrained(vae_dir, local_files_only=True, torch_dtype=torch.float32)
-        vae.to(device).eval()
-        if vae.config.z_dim != tc.in_channels:
-            raise UserError(f"{vae_dir}: z_dim={vae.config.z_dim} differs from the transformer's "
-                            f"in_channels={tc.in_channels}")
-        scale_t, scale_s = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
-    else:
-        scale_t, scale_s = DEFAULT_SCALE_TEMPORAL, DEFAULT_SCALE_SPATIAL
-    shape = latent_shape(args.frames or DEFAULT_FRAMES, args.height or DEFAULT_HEIGHT, args.width or DEFAULT_WIDTH,
-                         tc.in_channels, tc.patch_size, scale_t, scale_s)
-
-    generator = torch.Generator().manual_seed(args.seed)
-    _sync(device)
-    t0 = time.perf_counter()
-    result, label, _ = sample_model(model, kind, settings, text, shape=shape, generator=generator, negative=negative,
-                                 **_options(args, device))
-    _sync(device)
-    seconds = time.perf_counter() - t0
-
-    if vae is not None:
-        write_mp4(out, decode(vae, result.x0), args.fps or DEFAULT_FPS)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"model": str(folder), "kind": kind, "nfe": f"{result.nfe:.6g}", "seed": str(args.seed)}
-        save_file({"latents": result.x0.float().cpu().contiguous()}, str(out), metadata=meta)
-        normalize_permissions(out)
-    summary = {"kind": kind, "world": "wan", "label": label, "nfe": result.nfe, "seconds": seconds, "out": str(out),
-               "latent_shape": list(shape)}
-    print(f"{label}: NFE {result.nfe:.3f}, sampling {seconds:.2f} s -> {out}")
+    if pipe.vae is not None and pipe.vae.config.z_dim != tc.in_channels:
+        raise UserError(f"{vae_dir}: z_dim={pipe.vae.config.z_dim} differs from the transformer's "
+                        f"in_channels={tc.in_channels}")
+    frames, height, width = args.frames or DEFAULT_FRAMES, args.height or DEFAULT_HEIGHT, args.width or DEFAULT_WIDTH
+    shape = latent_shape(frames, height, width, tc.in_channels, tc.patch_size, pipe.vae_scale_factor_temporal,
+                         pipe.vae_scale_factor_spatial)
+    opts = _options(args, device)
+    call = {"num_frames": frames, "height": height, "width": width, "outer_steps": opts["steps"],
+            "inner_steps": opts["inner_steps"], "guidance_scale": opts["cfg"], "shift": opts["shift"],
+            "inner_shift": opts["inner_shift"], "use_flow_head_loop": opts["loop"],
+            "max_sequence_length": args.max_text_len, "output_type": "latent"}
+    label = sampler_label(pipe.kind, pipe.settings(steps=opts["steps"], inner_steps=opts["inner_steps"],
+                                                   cfg=opts["cfg"], shift=opts["shift"],
+                                                   inner_shift=opts["inner_shift"]),
+                          pipe.transformer, opts["loop"])
+    prompts = list(args.prompt) if args.prompt else [None]
+    outs = [out / video_name(p, 0) for p in prompts] if many else [out]
+    seconds, nfe = 0.0, 0.0
+    for i, (prompt, path) in enumerate(zip(prompts, outs, strict=True)):
+        generator = torch.Generator().manual_seed(args.seed + i)
+        _sync(device)
+        t0 = time.perf_counter()
+        result = pipe(prompt=prompt if text is None else None, prompt_embeds=text,
+                      negative_prompt=args.negative_prompt, negative_prompt_embeds=negative, generator=generator,
+                      **call)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        nfe = result.nfe
+        latents = result.frames
+        try:
+            if write_video:
+                video = pipe.decode_latents(latents)[0]  # [3, F, H, W] in [-1, 1]
+                write_mp4(path, ((video + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu(),
+                          args.fps or DEFAULT_FPS)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                meta = {"model": str(folder), "kind": kind, "nfe": f"{nfe:.6g}", "seed": str(args.seed + i)}
+                save_file({"latents": latents.float().cpu().contiguous()}, str(path), metadata=meta)
+                normalize_permissions(path)
+        except OSError as e:
+            raise OutputError(f"--out {path}: cannot write ({e.strerror or e})") from e
+    where = out if many else outs[0]
+    summary = {"kind": kind, "world": "wan", "label": label, "nfe": nfe, "seconds": seconds, "out": str(where),
+               "latent_shape": list(shape), "videos": len(outs)}
+    print(f"{label}: NFE {nfe:.3f}, sampling {seconds:.2f} s -> {where}" + (f" ({len(outs)} videos)" if many else ""))
     return summary
 
 

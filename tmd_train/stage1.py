@@ -8,7 +8,8 @@
 ``--help`` lists the keys with their defaults and meanings.
 Keys: :class:`~tmd_train.methods.Stage1Config` (the objective's as ``objective.<key>``). Output
 folder: ``config.yaml``, ``metrics.jsonl`` + ``logs/`` (scalars), ``checkpoint-{step:07d}/``
-(``student/``, ``optimizer.pt``, ``rng_state_{rank}.pt``, ``config.yaml``, ``state.json``) and
+(``dcp/``: the sharded student and optimizer state, ``export/``, ``rng_state_{rank}.pt``, ``config.yaml``,
+``state.json``; ``python -m tmd_train.export`` makes a student folder of one) and
 ``student/``, the final student (``TMDStudent.from_pretrained``).
 """
 from __future__ import annotations

@@ -8,9 +8,9 @@
 ``--help`` lists the keys with their defaults and meanings.
 Keys: :class:`~tmd_train.methods.Stage2Config` (the DMD loss's as ``dmd.<key>``). Output folder:
 ``config.yaml``, ``metrics.jsonl`` + ``logs/`` (scalars; sample grids), ``checkpoint-{step:07d}/``
-(``generator.safetensors``, ``generator_ema.safetensors``, ``fake_score.safetensors``,
-``discriminator.safetensors``, ``optimizers.pt``, ``rng_state_{rank}.pt``, ``config.yaml``,
-``state.json``) and ``student/``, the EMA generator (a ``TMDStudent`` folder for tmd, a diffusers
+(``dcp/``: the sharded generator, EMA, fake score, discriminator and optimizer states, ``export/``,
+``rng_state_{rank}.pt``, ``config.yaml``, ``state.json``; ``python -m tmd_train.export`` makes a model
+folder of one) and ``student/``, the EMA generator (a ``TMDStudent`` folder for tmd, a diffusers
 ``WanTransformer3DModel`` folder for dmd2v) with ``tmd_sampling.json`` for ``python -m tmd_train.sample``.
 """
 from __future__ import annotations

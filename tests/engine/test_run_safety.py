@@ -40,6 +40,7 @@ from tmd_train.engine.config import config_from_dict, yaml_load
 from tmd_train.engine.logging import METRICS_FILE, ScalarLogger, read_metrics
 from tmd_train.engine.trainer import fit
 from tmd_train.errors import ConfigError, OutputError, UserError
+from tmd_train.export import export_checkpoint
 from tmd_train.methods import Stage1Config, build_method
 
 
@@ -112,7 +113,8 @@ def test_fresh_run_into_used_folder_is_refused_and_overwrite_replaces_it(referen
     ids = {read_checkpoint_state(p)["run_id"] for _, p in list_checkpoints(out)}
     assert len(ids) == 1 and old_id not in ids
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
-    assert same_weights(weights(out / "student"), weights(out / "checkpoint-0000002" / "student"))
+    assert same_weights(weights(out / "student"), weights(export_checkpoint(out / "checkpoint-0000002",
+                                                                            tmp_path / "exported", progress=False)))
     assert not same_weights(weights(out / "student"), weights(reference / "student"))
     assert tiny_cfg(out, seed=1, steps=2, checkpoint_every=1) == config_from_dict(
         Stage1Config, yaml_load((out / "config.yaml").read_text()))
@@ -218,10 +220,10 @@ def flip_byte(path: Path) -> None:
 
 
 DAMAGE = {
-    "truncated optimizer": (lambda c: truncate(c / "optimizer.pt"),
-                            r"optimizer.pt has \d+ bytes, \d+ were written \(truncated\)"),
-    "truncated weights": (lambda c: truncate(c / "student" / "model.safetensors"),
-                          r"student/model.safetensors has \d+ bytes, \d+ were written \(truncated\)"),
+    "truncated shard": (lambda c: truncate(c / "dcp" / "__0_0.distcp"),
+                        r"dcp/__0_0.distcp has \d+ bytes, \d+ were written \(truncated\)"),
+    "truncated shard index": (lambda c: truncate(c / "dcp" / ".metadata"),
+                              r"dcp/.metadata has \d+ bytes, \d+ were written \(truncated\)"),
     "flipped byte": (lambda c: flip_byte(c / "rng_state_0.pt"), "rng_state_0.pt does not match the SHA-256"),
     "missing file": (lambda c: (c / "rng_state_0.pt").unlink(), "rng_state_0.pt is missing"),
     "empty state.json": (lambda c: (c / "state.json").write_text(""), "state.json is empty"),

@@ -23,6 +23,7 @@ from tmd_train.engine.config import config_from_dict, load_config
 from tmd_train.engine.logging import read_metrics
 from tmd_train.engine.trainer import fit
 from tmd_train.errors import run_main
+from tmd_train.export import export_checkpoint
 from tmd_train.methods import Stage1Config, build_method
 from tmd_train.methods.tm import TM
 from tmd_train.models import TMDStudent, load_teacher
@@ -72,14 +73,13 @@ def test_training_lowers_the_loss(run50):
     assert last < 0.92 * first, (first, last)
 
 
-def test_outputs_and_final_student(run50):
+def test_outputs_and_final_student(run50, tmp_path):
     out, cfg, final = run50
     assert final == out / "student"
     assert [s for s, _ in list_checkpoints(out)] == [25, 50]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
     ckpt = out / "checkpoint-0000050"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "optimizer.pt", "rng_state_0.pt", "state.json",
-                                                      "student"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "dcp", "export", "rng_state_0.pt", "state.json"]
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 50 and state["skipped_steps"] == 0
     assert load_config(Stage1Config, ckpt / "config.yaml") == cfg
@@ -87,7 +87,7 @@ def test_outputs_and_final_student(run50):
     student = TMDStudent.from_pretrained(final)
     assert student.head_blocks == 2
     final_sd = load_file(str(final / "model.safetensors"))
-    ckpt_sd = load_file(str(ckpt / "student" / "model.safetensors"))
+    ckpt_sd = load_file(str(export_checkpoint(ckpt, tmp_path / "exported", progress=False) / "model.safetensors"))
     assert final_sd.keys() == ckpt_sd.keys()
     assert all(torch.equal(final_sd[k], ckpt_sd[k]) for k in final_sd)
     # it trained: the zero-initialised gate of the fusion moved

@@ -9,8 +9,10 @@ A dataset is a folder::
     negative.safetensors     text_emb [L, D], text_mask [L]: the negative-prompt embedding
 
 Kinds: ``"latents"`` datasets hold ``latents``; ``"kd"`` (knowledge-distillation pairs of the
-teacher's ODE) hold ``noise`` and ``target`` instead, both ``[n, C, F, H, W]``. Float tensors are
-stored in one float dtype (bfloat16 by default), masks as ``bool`` (safetensors has a BOOL dtype).
+teacher's ODE) hold ``noise`` and ``target`` instead, both ``[n, C, F, H, W]``. A ``"latents"``
+dataset may also hold ``noise`` ``[n, C, F, H, W]`` (optional): the start of the teacher ODE that
+produced the latents (teacher-synthesised data), which makes it usable as KD pairs too. Float tensors
+are stored in one float dtype (bfloat16 by default), masks as ``bool`` (safetensors has a BOOL dtype).
 
 ``index.json``::
 
@@ -23,7 +25,9 @@ stored in one float dtype (bfloat16 by default), masks as ``bool`` (safetensors 
      "shards": [{"file": "shard-00000.safetensors", "num_samples": n0}, ...],
      "negative": "negative.safetensors"}
 
-Shapes in ``tensors`` are per sample (without the leading ``n``). :class:`DatasetWriter` builds the
+Shapes in ``tensors`` are per sample (without the leading ``n``). A dataset may be built shard by shard
+instead (:func:`write_shard`, :func:`write_prompts`, :func:`write_negative`, then :func:`write_index` last;
+each file replaced atomically), as ``python -m tmd_train.prepare`` does. :class:`DatasetWriter` builds the
 folder in a hidden temporary sibling and renames it into place only after ``index.json`` is
 written, so a reader never sees a half-written dataset. :class:`LatentDataset` reads lazily with
 ``safetensors.safe_open``: opening a dataset reads ``index.json`` and ``prompts.jsonl`` only, and
@@ -55,6 +59,8 @@ SHARD_TEMPLATE = "shard-{:05d}.safetensors"
 
 #: Per-kind sample tensors (besides the text tensors every kind has).
 KIND_TENSORS: dict[str, tuple[str, ...]] = {"latents": ("latents",), "kd": ("noise", "target")}
+#: Per-kind optional sample tensors: a teacher-synthesised ``"latents"`` dataset keeps each clip's start noise.
+OPTIONAL_TENSORS: dict[str, tuple[str, ...]] = {"latents": ("noise",), "kd": ()}
 TEXT_TENSORS = ("text_emb", "text_mask")
 FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()} | {torch.bool: "bool"}
@@ -308,6 +314,130 @@ class DatasetWriter:
         return self._count
 
 
+# ------------------------------------------------------- building shard by shard
+def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename ``tmp_path`` onto ``path`` (a reader sees the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        normalize_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.bool: "BOOL"}
+
+
+def save_deterministic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                       metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file whose bytes depend only on its content (``safetensors.torch.save_file`` orders the
+    metadata as a hash map does, differently from one process to the next): header JSON with sorted keys,
+    tensors in name order, padded to 8 bytes as the format asks. Read by ``safe_open`` like any other."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"save_deterministic: {name} has unsupported dtype {t.dtype}")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
+
+
+def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> int:
+    """Write one shard atomically: float tensors cast to ``dtype``, ``text_mask`` bool, all with the same
+    leading ``n`` (returned). Non-finite values are refused (ValueError)."""
+    out, n = {}, None
+    for k, t in tensors.items():
+        if n is None:
+            n = int(t.shape[0])
+        if t.ndim < 1 or t.shape[0] != n:
+            raise ValueError(f"write_shard: {k} must have leading dim {n}, got shape {tuple(t.shape)}")
+        if k == "text_mask":
+            if t.dtype != torch.bool:
+                raise ValueError(f"write_shard: text_mask must be bool, got {t.dtype}")
+            out[k] = t.detach().cpu().contiguous()
+        else:
+            if not torch.isfinite(t).all():
+                raise ValueError(f"write_shard: {k} has non-finite values")
+            out[k] = t.detach().cpu().to(dtype).contiguous()
+    if not n:
+        raise ValueError("write_shard: no samples")
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "num_samples": str(n)}
+    _replace_atomically(Path(path), lambda tmp: save_deterministic(out, tmp, meta))
+    return n
+
+
+def write_negative(folder: str | os.PathLike, text_emb: torch.Tensor, text_mask: torch.Tensor,
+                   dtype: torch.dtype = torch.bfloat16) -> None:
+    """``negative.safetensors`` of ``folder`` (``text_emb [L, D]``, ``text_mask [L]`` bool), atomically."""
+    if text_emb.ndim != 2 or text_mask.ndim != 1 or text_mask.dtype != torch.bool or \
+            text_mask.shape[0] != text_emb.shape[0]:
+        raise ValueError(f"write_negative: need text_emb [L, D] and a bool text_mask [L], got "
+                         f"{tuple(text_emb.shape)} / {tuple(text_mask.shape)} {text_mask.dtype}")
+    tensors = {"text_emb": text_emb.detach().cpu().to(dtype).contiguous(), "text_mask": text_mask.cpu().contiguous()}
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    _replace_atomically(Path(folder) / NEGATIVE_FILE, lambda tmp: save_deterministic(tensors, tmp, meta))
+
+
+def write_prompts(folder: str | os.PathLike, prompts: Sequence[str]) -> None:
+    """``prompts.jsonl`` of ``folder`` (ids 0..N-1 in order), atomically."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for i, p in enumerate(prompts):
+                f.write(json.dumps({"id": i, "prompt": p}) + "\n")
+    _replace_atomically(Path(folder) / PROMPTS_FILE, write)
+
+
+def write_index(folder: str | os.PathLike, *, kind: str, shards: Sequence[dict[str, Any]],
+                dtype: torch.dtype = torch.bfloat16, teacher_config: dict | None = None,
+                metadata: dict | None = None) -> dict[str, Any]:
+    """Write ``index.json`` of a folder whose shards (``[{"file", "num_samples"}, ...]`` in order),
+    ``prompts.jsonl`` and ``negative.safetensors`` are in place (write it last: it makes the folder a
+    dataset). The tensor shapes are read from the first shard; every shard is checked against them.
+    Returns the index (validated by :func:`read_index`)."""
+    folder = Path(folder)
+    if not shards:
+        raise ValueError("write_index: no shards")
+    spec: dict[str, dict[str, Any]] = {}
+    for s in shards:
+        with safe_open(str(folder / s["file"]), framework="pt", device="cpu") as h:
+            shapes = {k: list(h.get_slice(k).get_shape()) for k in h.keys()}  # noqa: SIM118
+        if any(v[0] != s["num_samples"] for v in shapes.values()):
+            raise ValueError(f"write_index: shard {s['file']} does not hold {s['num_samples']} samples")
+        if not spec:
+            spec = {k: {"shape": v[1:], "dtype": "bool" if k == "text_mask" else _dtype_name(dtype)}
+                    for k, v in sorted(shapes.items())}
+        elif {k: v[1:] for k, v in shapes.items()} != {k: v["shape"] for k, v in spec.items()}:
+            raise ValueError(f"write_index: shard {s['file']} has shapes {shapes}, the first shard {spec}")
+    index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
+             "num_samples": sum(int(s["num_samples"]) for s in shards), "tensors": spec,
+             "teacher_config": teacher_config, "metadata": dict(metadata or {}),
+             "shards": [{"file": s["file"], "num_samples": int(s["num_samples"])} for s in shards],
+             "negative": NEGATIVE_FILE}
+    _check_index_fields(index)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(index, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    _replace_atomically(folder / INDEX_FILE, write)
+    return read_index(folder)
+
+
 # ---------------------------------------------------------------------- reading
 def read_index(folder: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``index.json`` of a dataset folder.
@@ -348,8 +478,10 @@ def _check_index_fields(index: dict[str, Any]) -> None:
     if kind not in KIND_TENSORS:
         raise ValueError(f"unknown kind {kind!r}")
     expected = set(KIND_TENSORS[kind] + TEXT_TENSORS)
-    if set(index["tensors"]) != expected:
-        raise ValueError(f"kind {kind!r} needs tensors {sorted(expected)}, index lists {sorted(index['tensors'])}")
+    allowed = expected | set(OPTIONAL_TENSORS[kind])
+    if not expected <= set(index["tensors"]) <= allowed:
+        raise ValueError(f"kind {kind!r} needs tensors {sorted(expected)} (optional: "
+                         f"{sorted(OPTIONAL_TENSORS[kind])}), index lists {sorted(index['tensors'])}")
     for k, spec in index["tensors"].items():
         allowed = ("bool",) if k == "text_mask" else tuple(FLOAT_DTYPES)
         if spec["dtype"] not in allowed:
@@ -375,7 +507,8 @@ def _torch_dtype(name: str) -> torch.dtype:
 class LatentDataset(torch.utils.data.Dataset):
     """Random access to a dataset folder, reading lazily.
 
-    ``ds[i]`` returns ``{"latents": [C, F, H, W]`` (or ``"noise"``, ``"target"`` for kind ``"kd"``),
+    ``ds[i]`` returns ``{"latents": [C, F, H, W]`` (or ``"noise"``, ``"target"`` for kind ``"kd"``; plus
+    ``"noise"`` where a ``"latents"`` dataset holds it),
     ``"text_emb": [L, D], "text_mask": [L] (bool), "prompt": str, "index": int}``; float tensors
     in the stored dtype. Only the shard holding sample ``i`` is opened (handles are cached per
     process and dropped when the dataset is pickled to DataLoader workers), and only its row ``i``
@@ -386,7 +519,8 @@ class LatentDataset(torch.utils.data.Dataset):
         self.folder = Path(folder)
         self.index = read_index(self.folder)
         self.kind: str = self.index["kind"]
-        self.tensor_keys: tuple[str, ...] = KIND_TENSORS[self.kind] + TEXT_TENSORS
+        self.tensor_keys: tuple[str, ...] = (KIND_TENSORS[self.kind] + tuple(
+            k for k in OPTIONAL_TENSORS[self.kind] if k in self.index["tensors"]) + TEXT_TENSORS)
         self.teacher_config: dict | None = self.index.get("teacher_config")
         self.metadata: dict = self.index.get("metadata") or {}
         self.shapes = {k: tuple(v["shape"]) for k, v in self.index["tensors"].items()}

@@ -183,3 +183,32 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     text = masked_text(torch.stack([it["text_emb"] for it in items]).float(),
                        torch.stack([it["text_mask"] for it in items]))
     return {"latents": latents, "text": text}
+
+
+class KDView:
+    """A dataset read as KD pairs: a ``"kd"`` dataset as it is, or a teacher-synthesised ``"latents"``
+    dataset that holds each clip's start ``noise`` (``python -m tmd_train.prepare synthetic``), whose
+    ``latents`` are the teacher's ODE samples from that noise: item ``i`` is ``{"noise", "target",
+    "text_emb", "text_mask", "prompt", "index"}`` either way.
+
+    Raises DataError for a ``"latents"`` dataset without ``noise`` (real videos: no ODE pairs)."""
+
+    def __init__(self, dataset: LatentDataset) -> None:
+        if dataset.kind != "kd" and "noise" not in dataset.tensor_keys:
+            raise DataError(f"dataset {dataset.folder} holds {dataset.kind!r} samples without their start noise; "
+                            "KD pairs need a 'kd' dataset (python -m tmd_train.kd_pairs) or a teacher-synthesised "
+                            "dataset (python -m tmd_train.prepare synthetic)")
+        self.dataset = dataset
+        self.folder = dataset.folder
+        self.metadata = dataset.metadata
+        self.shapes = {"noise": dataset.shapes["noise"], "text_emb": dataset.shapes["text_emb"],
+                       "target": dataset.shapes["target" if dataset.kind == "kd" else "latents"]}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.dataset[i])
+        if "latents" in item:
+            item["target"] = item.pop("latents")
+        return item

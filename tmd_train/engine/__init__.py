@@ -7,7 +7,8 @@
 * :mod:`.distributed` — FSDP2 sharding, replicated-gradient averaging, clipping, all-reduce.
 * :mod:`.optim` — AdamW, the learning-rate warm-up and the guarded optimizer update.
 * :mod:`.ema` — the EMA of a (sharded) module.
-* :mod:`.checkpoint` — atomic checkpoints, ``--resume``, full state dicts, RNG states.
+* :mod:`.checkpoint` — atomic sharded checkpoints (torch.distributed.checkpoint), ``--resume``, RNG states.
+* :mod:`.consolidate` — the streaming export of sharded weights into a model folder.
 * :mod:`.logging` — TensorBoard + ``metrics.jsonl`` scalars, throughput.
 * :mod:`.seeding` — per-(step, chunk) generators.
 * :mod:`.trainer` — :class:`~.trainer.Method` (what a method implements) and :func:`~.trainer.fit`.

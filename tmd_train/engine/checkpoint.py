@@ -3,14 +3,22 @@
 A run's output folder holds ``config.yaml``, ``metrics.jsonl``, ``logs/``, ``config_changes.jsonl``, the
 ``checkpoint-{step:07d}/`` folders and, at the end, ``student/`` (docs/design.md §6.5).
 
+* Sharded state (:func:`module_state`, :func:`save_sharded`, :func:`load_sharded`, :func:`restore_module`):
+  the models, optimizers and EMA go into the checkpoint's ``dcp/`` folder with
+  ``torch.distributed.checkpoint``: each process writes only the shards it holds (``__{rank}_0.distcp``; a
+  replicated tensor once) and, on resume, reads only the byte ranges of its own shards; nothing is
+  gathered. The checkpoint's ``export/`` says how its weights make the exported model folder
+  (:mod:`~tmd_train.engine.consolidate`; ``python -m tmd_train.export`` does it offline). A checkpoint of
+  the earlier full-state format is refused (:func:`require_sharded`).
 * Writing (:class:`CheckpointWriter`, :func:`write_folder`): every process writes into a hidden
-  ``.tmp-checkpoint-{step:07d}/``; the main process gives the files the permissions of the umask
-  (safetensors writes 0600), writes ``state.json`` last — the step, the run id, the method's counters and
-  every file's size and SHA-256 — and renames the folder into place. Only the newest ``keep_last``
-  checkpoints *of this run* (same run id) are kept. A failed save (e.g. a full disk) removes the temporary
-  folder, leaves the earlier checkpoints as they were and raises :class:`SaveError` ("no space left on
-  device" when that is the cause). SHA-256 (hashlib, several files at once) costs about as much as
-  CRC-32 here (~1 GB/s per core with SHA-NI), so the stronger hash is used.
+  ``.tmp-checkpoint-{step:07d}/``; the processes hash the files (each a share); the main process gives the
+  files the permissions of the umask (safetensors writes 0600), writes ``state.json`` last — the step, the
+  run id, the method's counters and every file's size and SHA-256, the ``dcp/`` shards included — and
+  renames the folder into place. Only the newest ``keep_last`` checkpoints *of this run* (same run id) are
+  kept. A failed save (e.g. a full disk) removes the temporary folder, leaves the earlier checkpoints as
+  they were and raises :class:`SaveError` ("no space left on device" when that is the cause). SHA-256
+  (hashlib, several files at once) costs about as much as CRC-32 here (~1 GB/s per core with SHA-NI), so
+  the stronger hash is used.
 * Reading (:func:`verify_checkpoint`, :func:`resolve_resume`): ``state.json`` must parse and every file it
   lists must have its recorded size and hash; a damaged checkpoint is a :class:`CheckpointError` naming the
   file and what is wrong. ``--resume latest`` falls back to the newest complete earlier checkpoint with a
@@ -21,10 +29,11 @@ A run's output folder holds ``config.yaml``, ``metrics.jsonl``, ``logs/``, ``con
   and refuses a change outside :data:`RESUMABLE_KEYS` unless ``allow_config_change`` (every change is
   recorded in ``config_changes.jsonl``).
 
-Also: full (gathered) state dicts of FSDP2-sharded models and per-process RNG states.
+Also: per-process RNG states.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -33,7 +42,8 @@ import os
 import random
 import shutil
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +70,8 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 EXPORT_DIR = "student"
+DCP_DIR = "dcp"                   # the sharded state (torch.distributed.checkpoint) inside a checkpoint
+EXPORT_SPEC_DIR = "export"        # inside a checkpoint: what its export folder holds (consolidate.ExportSpec)
 TMP_PREFIX = ".tmp-"
 # what a run writes in its output folder besides its checkpoint folders
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, "logs", CONFIG_CHANGES_FILE, EXPORT_DIR)
@@ -67,7 +79,7 @@ RUN_FILES = (CONFIG_FILE, METRICS_FILE, "logs", CONFIG_CHANGES_FILE, EXPORT_DIR)
 RESTARTABLE_FILES = (CONFIG_FILE, METRICS_FILE, "logs", CONFIG_CHANGES_FILE)
 # config keys a resume may change freely: they alter neither the model, the optimisation nor the data order
 RESUMABLE_KEYS = frozenset({"steps", "output_dir", "log_every", "checkpoint_every", "keep_last", "num_workers",
-                            "cpu_threads", "sample_every"})
+                            "cpu_threads", "sample_every", "attention_backend"})
 _CHUNK = 1 << 24
 _FULL_DISK_BYTES = 1 << 20
 
@@ -81,36 +93,101 @@ class SaveError(OutputError):
     ENOSPC when the disk or quota is full."""
 
 
-# ---------------------------------------------------------------------------- state dicts
-def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Full (unsharded, CPU) model and optimizer state dicts, keyed by parameter names. Collective
-    under FSDP: every process must call it; the main process gets the dicts, the others may get
-    empty ones."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=opts)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
-    return model_sd, optim_sd
+# ---------------------------------------------------------------------------- sharded state
+def module_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 trainable_only: bool = False) -> dict[str, Any]:
+    """``{"model": state dict[, "optim": optimizer state dict]}`` of a (possibly FSDP2-sharded) module, as
+    ``torch.distributed.checkpoint.state_dict.get_state_dict`` gives them: keyed by parameter names, each
+    process holding its shards (DTensors; plain tensors for replicated parameters), nothing gathered.
+    ``trainable_only`` leaves out the frozen parameters (rebuilt, not trained: e.g. the base weights under a
+    LoRA adapter). An optimizer that has not stepped gets its state initialised here (a zero-lr step:
+    torch.distributed.checkpoint's rule), so pass None for one whose state must stay empty."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    opts = StateDictOptions(ignore_frozen_params=trainable_only)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return {"model": get_model_state_dict(model, options=opts)}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    return {"model": model_sd, "optim": optim_sd}
 
 
-def load_state(model: nn.Module, model_sd: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None,
-               optim_sd: dict[str, Any] | None = None) -> None:
-    """Load full state dicts (as :func:`gather_state` returns them, present on every process) into
-    a (possibly FSDP2-sharded) model and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_sd, options=opts)
-    if optimizer is not None and optim_sd is not None:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+def restore_module(model: nn.Module, state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None, *,
+                   trainable_only: bool = False) -> None:
+    """Load :func:`module_state`'s dicts (filled by :func:`load_sharded`) into the module and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    opts = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+    if optimizer is None or "optim" not in state:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        set_model_state_dict(model, state["model"], options=opts)
+        return
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
+
+
+def save_sharded(folder: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (nested dicts of sharded tensors and small values) into ``folder/dcp/`` with
+    ``torch.distributed.checkpoint.save`` (collective): every process writes the shards it holds to its
+    own file ``__{rank}_0.distcp``; a replicated entry is written once; the coordinator writes ``.metadata``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        with quiet_single_process():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder / DCP_DIR), sync_files=True),
+                     no_dist=not is_distributed())
+    except CheckpointException as e:
+        raise _dcp_cause(e) from None
+
+
+def load_sharded(folder: Path, state: dict[str, Any]) -> None:
+    """Fill ``state`` (shaped as it was saved, e.g. built by :func:`module_state` on the fresh modules) in
+    place from ``folder/dcp/``: every process reads only the byte ranges of its own shards (the world size
+    may differ from the saving run's)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        with quiet_single_process():
+            dcp.load(state, checkpoint_id=str(folder / DCP_DIR), no_dist=not is_distributed())
+    except CheckpointException as e:
+        raise _dcp_cause(e) from None
+
+
+@contextlib.contextmanager
+def quiet_single_process() -> Iterator[None]:
+    """Silence torch.distributed.checkpoint's warning that it runs in one process (it is meant to)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
+
+
+def _dcp_cause(error: BaseException) -> Exception:
+    """The first process's exception inside torch.distributed.checkpoint's ``CheckpointException`` (a
+    ``BaseException`` listing every process's failure), so that a full disk stays an ``OSError``."""
+    failures = getattr(error, "failures", None) or {}
+    for rank in sorted(failures):
+        cause = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        if isinstance(cause, (OSError, RuntimeError, ValueError, KeyError, EOFError)):
+            return cause
+        if isinstance(cause, Exception):                      # e.g. an AssertionError on mismatched sizes
+            wrapped = RuntimeError(f"{type(cause).__name__}: {cause}")
+            wrapped.__cause__ = cause
+            return wrapped
+    return RuntimeError(str(error))
+
+
+def require_sharded(folder: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless ``folder`` holds sharded state (``dcp/.metadata``); a checkpoint
+    of the earlier full-state format (``optimizer.pt``/``optimizers.pt`` and whole ``.safetensors`` models) is
+    named as such."""
+    folder = Path(folder)
+    if (folder / DCP_DIR / ".metadata").is_file():
+        return
+    old = [name for name in ("optimizer.pt", "optimizers.pt", "generator.safetensors", "student")
+           if (folder / name).exists()]
+    if old:
+        raise CheckpointError(f"checkpoint {folder} has the earlier full-state format ({', '.join(old)}): this "
+                              f"version reads only sharded checkpoints ({DCP_DIR}/, docs/design.md §6.5); resume "
+                              f"it with the tmd_train version that wrote it, or start over")
+    raise CheckpointError(f"checkpoint {folder} is damaged: it has no {DCP_DIR}/.metadata (the sharded model and "
+                          f"optimizer state)")
 
 
 def strip_prefix(prefix: str, sd: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +239,32 @@ def _sha256_all(paths: list[Path]) -> list[str]:
         return [file_sha256(p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
         return list(pool.map(file_sha256, paths))
+
+
+def _manifest_share(folder: Path) -> dict[str, dict[str, Any]]:
+    """This process's share of :func:`folder_manifest` (files dealt out by size to the processes)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / STATE_FILE]
+    sizes = {p: p.stat().st_size for p in files}
+    load = [0] * world
+    mine = []
+    for p in sorted(files, key=lambda q: (-sizes[q], q.as_posix())):   # largest first, to the least loaded
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += sizes[p]
+        if r == rank:
+            mine.append(p)
+    digests = _sha256_all(mine)
+    return {p.relative_to(folder).as_posix(): {"size": sizes[p], "sha256": d}
+            for p, d in zip(mine, digests, strict=True)}
+
+
+def _gather_dicts(mine: dict[str, Any]) -> dict[str, Any]:
+    """The union of every process's dict, sorted by key (collective)."""
+    if not is_distributed():
+        return dict(sorted(mine.items()))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return dict(sorted((k, v) for part in gathered for k, v in part.items()))
 
 
 def folder_manifest(folder: str | Path) -> dict[str, dict[str, Any]]:
@@ -357,11 +460,14 @@ def _first_failure(failure: _Failure | None) -> tuple[int, bool, str] | None:
 
 
 def write_folder(final: Path, write: Callable[[Path, bool], None], is_main: bool,
-                 finish: Callable[[Path], None] | None = None, what: str = "folder") -> None:
+                 finish: Callable[[Path, dict[str, dict[str, Any]] | None], None] | None = None,
+                 what: str = "folder", manifest: bool = False) -> None:
     """Write the folder ``final`` atomically (collective): the main process creates the hidden
     ``.tmp-<name>`` beside it, every process writes into it (``write(folder, is_main)``), the main
-    process normalises the files' permissions, runs ``finish(folder)`` (e.g. writes a manifest) and
-    renames it into place, replacing an older ``final``.
+    process normalises the files' permissions, runs ``finish(folder, files)`` (e.g. writes
+    ``state.json``) and renames it into place, replacing an older ``final``. With ``manifest``,
+    ``files`` is :func:`folder_manifest` of the written folder, its hashing shared by the processes
+    (each hashes a share of the files; the folder must be on a filesystem they all see); else None.
 
     On a failure on any process the temporary folder is removed, ``final`` (if any) is left as it was, and
     every process raises: :class:`SaveError` ("no space left on device" when the disk or quota is full)
@@ -381,10 +487,12 @@ def write_folder(final: Path, write: Callable[[Path, bool], None], is_main: bool
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 
+    files: dict[str, dict[str, Any]] | None = None
+
     def complete() -> None:
         normalize_permissions(tmp)
         if finish is not None:
-            finish(tmp)
+            finish(tmp, files)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -395,6 +503,12 @@ def write_folder(final: Path, write: Callable[[Path, bool], None], is_main: bool
     if first is None:
         attempt(lambda: write(tmp, is_main))
         first = _first_failure(failure)
+    if first is None and manifest:
+        share: dict[str, dict[str, Any]] = {}
+        attempt(lambda: share.update(_manifest_share(tmp)))
+        first = _first_failure(failure)
+        if first is None:
+            files = _gather_dicts(share)
     if first is None and is_main:
         attempt(complete)
     first = _first_failure(failure)
@@ -440,8 +554,9 @@ class CheckpointWriter:
     of the run ``run_id``.
 
     :meth:`save` lets every process write into the hidden ``.tmp-checkpoint-{step:07d}`` (``write(folder,
-    is_main)``, a collective: e.g. gathering FSDP state); the main process then writes ``state.json``
-    (``state``, ``step``, ``run_id`` and ``files``: every file's size and SHA-256) last, renames the folder
+    is_main)``, a collective: e.g. each process's shards), the processes hash the files (a share each), the
+    main process then writes ``state.json`` (``state``, ``step``, ``run_id`` and ``files``: every file's
+    size and SHA-256) last, renames the folder
     into place (replacing an older one of the same step) and deletes this run's checkpoints older than the
     newest ``keep_last`` (checkpoints of another run id are never counted or deleted).
     """
@@ -457,11 +572,11 @@ class CheckpointWriter:
     def save(self, step: int, write: Callable[[Path, bool], None], state: dict[str, Any]) -> Path:
         final = self.output_dir / checkpoint_name(step)
 
-        def finish(folder: Path) -> None:
-            record = dict(state, step=step, run_id=self.run_id, files=folder_manifest(folder))
+        def finish(folder: Path, files: dict[str, dict[str, Any]] | None) -> None:
+            record = dict(state, step=step, run_id=self.run_id, files=files)
             (folder / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
-        write_folder(final, write, self.is_main, finish, what="checkpoint")
+        write_folder(final, write, self.is_main, finish, what="checkpoint", manifest=True)
         if self.is_main:
             self._keep_last(step)
         barrier()

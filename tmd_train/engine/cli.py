@@ -172,7 +172,7 @@ def check_dataset(folder: str, key: str, kind: str) -> None:
     if not Path(folder).exists():
         raise MissingFileError(f"{named(key, folder)}: no such dataset folder")
     index = read_index(folder)
-    if index["kind"] != kind:
+    if index["kind"] != kind and not (kind == "kd" and "noise" in index["tensors"]):  # prepare synthetic: both
         hint = {"latents": " (a 'kd' dataset goes to kd_pairs=)",
                 "kd": " (write one with python -m tmd_train.kd_pairs)"}.get(kind, "")
         raise DataError(f"{named(key, folder)} holds {index['kind']!r} samples; {key} needs a {kind!r} "

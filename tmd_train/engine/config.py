@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import yaml
 
 from ..errors import ConfigError, MissingFileError
+from ..models.attention import ATTENTION_BACKENDS
 
 T = TypeVar("T")
 MIXED_PRECISIONS = ("auto", "bf16", "no")
@@ -414,6 +415,8 @@ class TrainConfig:
         max_grad_norm: gradient clipping norm (<= 0: no clipping).
         mixed_precision: "auto" (bf16 autocast on GPU, off on CPU), "bf16" or "no".
         gradient_checkpointing: recompute the transformer blocks in backward (less memory, more time).
+        attention_backend: the kernel of every attention layer (diffusers' attention dispatcher): "native"
+            (PyTorch SDPA), "flash" (flash-attn 2), "_flash_3", "flash_hub" or "sage" (tmd_train/models/attention.py).
         seed: seed of the initialisation, the data order and every random draw.
         cpu_threads: torch CPU threads on CPU runs (0: torch's default; 1 is often fastest on a busy machine).
         output_dir: the run folder (config, metrics, checkpoints, the final student/).
@@ -440,6 +443,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    attention_backend: str = "native"
     seed: int = 0
     cpu_threads: int = 0
 
@@ -456,7 +460,8 @@ class TrainConfig:
             raise ConfigError("teacher must not be empty")
         if not self.data:
             raise ConfigError("data must be 'shapes', 'synthetic' or a dataset folder")
-        check_fields(self, choices={"mixed_precision": MIXED_PRECISIONS},
+        check_fields(self, choices={"mixed_precision": MIXED_PRECISIONS,
+                                    "attention_backend": tuple(ATTENTION_BACKENDS)},
                      positive=("batch_size", "steps", "checkpoint_every", "keep_last", "log_every",
                                "synthetic_samples", "synthetic_text_len"),
                      non_negative=("num_workers", "seed", "cpu_threads"))

@@ -36,6 +36,11 @@ class EMA:
             else:
                 self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averages as they are held (under FSDP2 sharded like the parameters: nothing gathered), keyed
+        by parameter name; a checkpoint saves these tensors and loads into them in place."""
+        return dict(self.shadow)
+
     def full(self) -> dict[str, torch.Tensor]:
         """Unsharded CPU copies of the averages (collective under FSDP)."""
         return {n: local_tensor(v).detach().cpu().clone() for n, v in self.shadow.items()}

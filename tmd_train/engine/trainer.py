@@ -10,10 +10,11 @@ A method owns its networks, optimizers and data order; per step the loop asks it
 processes (NaN-aware) and logs them with the method's counters every ``log_every`` steps (and at
 the last step, and whenever :meth:`Method.log_now` says so); every ``checkpoint_every`` steps (and
 at the last) it writes a checkpoint. Checkpoint folder (``checkpoint-{step:07d}/``): the method's
-files (:meth:`Method.save`), ``config.yaml``, ``rng_state_{rank}.pt`` and ``state.json`` (``step``,
-``world_size``, the run id, :meth:`Method.state` and every file's size and SHA-256). At the end
-:meth:`Method.export` writes ``student/`` (atomically, like a checkpoint). Checkpoint and export files get
-the permissions of the umask (0644 under the usual one).
+files (:meth:`Method.save`: its sharded state in ``dcp/``, one file per process, and ``export/``),
+``config.yaml``, ``rng_state_{rank}.pt`` and ``state.json`` (``step``, ``world_size``, the run id,
+:meth:`Method.state` and every file's size and SHA-256). At the end :meth:`Method.export` writes
+``student/`` (atomically, like a checkpoint; streamed one tensor at a time). Checkpoint and export files
+get the permissions of the umask (0644 under the usual one).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from .checkpoint import (
     on_main,
     prepare_run,
     read_checkpoint_state,
+    require_sharded,
     rng_state,
     set_rng_state,
     write_folder,
@@ -123,7 +125,8 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def save(self, folder: Path, is_main: bool) -> None:
-        """Write the method's checkpoint files into ``folder`` (collective; main process writes)."""
+        """Write the method's checkpoint files into ``folder`` (collective: every process writes its own
+        shards, :func:`~tmd_train.engine.checkpoint.save_sharded`)."""
 
     def state(self) -> dict[str, Any]:
         """The method's counters for ``state.json``."""
@@ -135,7 +138,8 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def export(self, directory: Path) -> None:
-        """Write the trained model to ``directory`` (collective; main process writes)."""
+        """Write the trained model to ``directory`` (collective; main process writes; never more than one
+        tensor unsharded at a time, :func:`~tmd_train.engine.consolidate.write_export_live`)."""
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, writer: CheckpointWriter, step: int) -> Path:
@@ -149,8 +153,10 @@ class Method(abc.ABC):
 
     def load_checkpoint(self, folder: Path) -> int:
         """Restore a checkpoint (method state, this process's RNG states, the step); returns the step.
-        A file that cannot be read or does not fit the model is a :class:`CheckpointError` naming the folder."""
+        A file that cannot be read or does not fit the model, or a checkpoint of the earlier full-state
+        format, is a :class:`CheckpointError` naming the folder."""
         state = read_checkpoint_state(folder)
+        require_sharded(folder)
         try:
             self.load(folder, state)
             rng_file = folder / f"rng_state_{self.rank}.pt"

@@ -2,11 +2,15 @@
 
 The student (backbone + flow head, initialised from the teacher or from ``init_student``) is
 trained on :func:`~tmd_train.objectives.tm_meanflow.tm_meanflow` with AdamW. Checkpoint files:
-``student/`` (a :meth:`TMDStudent.from_pretrained` folder) and ``optimizer.pt``; ``state.json``
-counts the skipped steps. The export (``<output_dir>/student``) is the final student.
+``dcp/`` (the student's and AdamW's state, each process its shards, docs/design.md §6.5) and
+``export/`` (the student folder's ``config.json``: ``python -m tmd_train.export`` makes the folder);
+``state.json`` counts the skipped steps. The export (``<output_dir>/student``) is the final student.
 
 With more than one process, every student block and the root are FSDP2 units (``fully_shard``;
-gloo on CPU) and so is the frozen teacher. Each step processes ``batch_size`` samples per process
+gloo on CPU) and so is the frozen teacher; the student's units all-gather float32 unless
+``objective.fd_autocast`` (the FD pass needs float32 weights), bf16 with it under bf16 mixed
+precision, and a teacher folder is loaded shard by shard from the meta device (docs/design.md §7).
+Each step processes ``batch_size`` samples per process
 and accumulation step; chunk ``c = rank·grad_accum_steps + micro`` takes slice ``c`` of the step's
 global batch and draws its randomness from a generator seeded by ``(seed, step, c)``.
 """
@@ -20,21 +24,30 @@ from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel
-from safetensors.torch import load_file
 from torch import nn
 
 from ..data.sources import DataSource, collate
-from ..engine.checkpoint import gather_state, load_state, strip_prefix
+from ..engine.checkpoint import EXPORT_SPEC_DIR, load_sharded, module_state, restore_module, save_sharded
 from ..engine.config import TrainConfig, check_fields
+from ..engine.consolidate import ExportSpec, flatten, write_export_live
 from ..engine.data import StepSampler, open_training_data, step_loader
-from ..engine.distributed import all_reduce_mean, average_gradients, local_tensor, shard_fsdp2
+from ..engine.distributed import (
+    all_reduce_mean,
+    average_gradients,
+    local_tensor,
+    materialize,
+    replicated_parameters,
+    shard_fsdp2,
+)
 from ..engine.optim import NonFiniteGuard, adamw, guarded_update, lr_at
 from ..engine.seeding import seeded_generator
 from ..engine.trainer import Method
+from ..models.attention import set_attention_backend
 from ..models.student import FUSIONS, HEAD_TIMES, TMDStudent
 from ..models.teacher import cast_keeping_fp32
 from ..objectives.tm_meanflow import TMMeanFlowConfig, tm_meanflow
-from .networks import build_models, write_student
+from .exporting import student_files
+from .networks import build_models, to_device
 from .registry import check_method, register
 
 LOG_KEYS = ("loss", "mse", "loss_fd", "loss_tm", "frac_fd", "frac_dropped", "t_mean", "s_mean")
@@ -125,9 +138,10 @@ class TMMeanFlow(Method):
         teacher, student = build_models(cfg.teacher, cfg.seed, need_teacher=needs_teacher,
                                         init_student=cfg.init_student, head_blocks=cfg.head_blocks,
                                         fusion=cfg.fusion, head_time=cfg.head_time)
-        student.to(self.device).train()
+        to_device(student, self.device).train()
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
+        set_attention_backend(student, cfg.attention_backend, device=self.device)
         self.student = student
         self.model = Stage1Model(student, objective, any_process_on(self.device) if self.world > 1 else None)
         self.teacher: WanTransformer3DModel | None = None
@@ -135,13 +149,24 @@ class TMMeanFlow(Method):
             teacher.requires_grad_(False)
             if self.autocast_dtype is not None:  # the frozen teacher runs in bf16 (Wan's fp32 modules stay fp32)
                 cast_keeping_fp32(teacher, self.autocast_dtype)
-            teacher.to(self.device)
+            to_device(teacher, self.device)
+            set_attention_backend(teacher, cfg.attention_backend, device=self.device)
             self.teacher = teacher
         self.replicated: list[nn.Parameter] = []
         if self.world > 1:
-            self.replicated = shard_fsdp2(self.model, student.transformer.blocks, self.device.type)
+            # bf16 all-gathers only where the FD pass may run in bf16 (objective.fd_autocast): its
+            # derivative needs float32 weights and activations (docs/design.md §7)
+            mp = {}
+            if self.autocast_dtype is not None and objective.fd_autocast:
+                mp = {"param_dtype": self.autocast_dtype, "reduce_dtype": torch.float32}
+            self.replicated = shard_fsdp2(self.model, student.transformer.blocks, self.device.type, **mp)
             if self.teacher is not None:
                 shard_fsdp2(self.teacher, self.teacher.blocks, self.device.type)
+        materialize(self.model, self.device)  # models of a folder: each process reads its shards
+        if self.teacher is not None:
+            materialize(self.teacher, self.device)
+        if self.world > 1:
+            self.replicated = replicated_parameters(self.model)
         self.optimizer = adamw(self.model.parameters(), cfg, cfg.lr)
         self.guard = NonFiniteGuard()
 
@@ -205,26 +230,42 @@ class TMMeanFlow(Method):
                 for name, p in self.model.named_parameters() if p.grad is not None}
 
     # ------------------------------------------------------------------ checkpoints, export
+    def sharded_state(self, with_optimizer: bool) -> dict[str, Any]:
+        """What a checkpoint holds, as this process holds it (FSDP2 shards, nothing gathered):
+        ``{"student": {"model": …, "optim": …}}`` (the optimizer only ``with_optimizer``)."""
+        return {"student": module_state(self.model, self.optimizer if with_optimizer else None)}
+
+    def export_spec(self, state: dict[str, Any]) -> ExportSpec:
+        """The student folder made from ``state`` (:meth:`sharded_state`): its ``config.json`` and each
+        weight's checkpoint entry."""
+        weights, files = student_files(self.student)
+        tensors = [(k[len("student."):], f"student.model.{k}") for k in state["student"]["model"]
+                   if k.startswith("student.")]
+        return ExportSpec(weights, tensors, files)
+
     def save(self, folder: Path, is_main: bool) -> None:
-        model_sd, optim_sd = gather_state(self.model, self.optimizer)
+        """``dcp/`` (each process its shards of the model and optimizer) and ``export/``. An optimizer that
+        has not stepped is not saved (saving would initialise its state and change the run)."""
+        state = self.sharded_state(bool(self.optimizer.state))
+        save_sharded(folder, state)
         if is_main:
-            write_student(self.student, strip_prefix("student.", model_sd), folder / "student")
-            torch.save(optim_sd, folder / "optimizer.pt")
+            self.export_spec(state).write(folder / EXPORT_SPEC_DIR)
 
     def state(self) -> dict[str, Any]:
-        return {"skipped_steps": self.guard.skipped}
+        return {"skipped_steps": self.guard.skipped, "optimizer_saved": bool(self.optimizer.state)}
 
     def load(self, folder: Path, state: dict[str, Any]) -> None:
-        model_sd = {"student." + k: v for k, v in load_file(str(folder / "student" / "model.safetensors")).items()}
-        optim_sd = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
-        load_state(self.model, model_sd, self.optimizer, optim_sd)
+        """Each process reads its shards from ``dcp/`` into the (sharded) model and optimizer."""
+        with_optimizer = bool(state.get("optimizer_saved", True))
+        template = self.sharded_state(with_optimizer)
+        load_sharded(folder, template)
+        restore_module(self.model, template["student"], self.optimizer if with_optimizer else None)
         self.guard.skipped = int(state.get("skipped_steps", 0))
 
     def export(self, directory: Path) -> None:
-        """The final student: a :meth:`TMDStudent.from_pretrained` folder."""
-        model_sd, _ = gather_state(self.model)
-        if self.is_main:
-            write_student(self.student, strip_prefix("student.", model_sd), directory)
+        """The final student: a :meth:`TMDStudent.from_pretrained` folder, streamed one weight at a time."""
+        state = self.sharded_state(False)
+        write_export_live(directory, self.export_spec(state), flatten(state), self.is_main)
 
     def summary(self) -> str:
         return f"{self.step} steps, {self.guard.skipped} skipped"

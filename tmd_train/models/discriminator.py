@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from .teacher import wan_timestep
 
@@ -38,20 +39,27 @@ def default_blocks(num_layers: int) -> tuple[int, ...]:
 
 
 def teacher_block_features(teacher: WanTransformer3DModel, x_t: torch.Tensor, t: torch.Tensor,
-                           text: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor]:
+                           text: torch.Tensor, blocks: Sequence[int],
+                           checkpoint: bool | Callable[..., torch.Tensor] = False) -> list[torch.Tensor]:
     """Run the frozen teacher up to ``max(blocks)`` and return those blocks' outputs, unpatchified
     to the token grid.
 
-    The teacher's parameters must not require grad (raises ValueError otherwise); gradients flow
-    to ``x_t`` (the generator's GAN loss needs them).
+    The teacher's parameters must not require grad (raises ValueError otherwise; LoRA adapter
+    parameters — names with a ``lora_`` component — are exempt: the caller runs the teacher with
+    them switched off); gradients flow to ``x_t`` (the generator's GAN loss needs them).
 
     Args:
         x_t: ``[B, C, F, H, W]`` noised latents at flow time ``t [B]``; text: ``[B, L, text_dim]``.
         blocks: 0-based block indices.
+        checkpoint: when autograd records, keep only each block's input and recompute the block in
+            backward (``torch.utils.checkpoint``, non-reentrant): the activations of the pass shrink
+            from every block's internals to one ``[B, N, D]`` tensor per block; values and gradients
+            are unchanged. A callable ``checkpoint(block, *inputs)`` does the recomputing instead
+            (e.g. one that also restores a model state for the recomputation).
     Returns:
         One ``[B, dim, F', H', W']`` tensor per entry of ``blocks`` (in that order), model dtype.
     """
-    if any(p.requires_grad for p in teacher.parameters()):
+    if any(p.requires_grad for n, p in teacher.named_parameters() if ".lora_" not in f".{n}"):
         raise ValueError("teacher must be frozen (teacher.requires_grad_(False)) for its features")
     L = teacher.config.num_layers
     if not blocks or any(not 0 <= b < L for b in blocks):
@@ -66,8 +74,14 @@ def teacher_block_features(teacher: WanTransformer3DModel, x_t: torch.Tensor, t:
     tproj = tproj.unflatten(1, (6, -1))
     wanted = set(blocks)
     found: dict[int, torch.Tensor] = {}
+    recompute = None
+    if checkpoint is not False and checkpoint is not None and torch.is_grad_enabled():
+        recompute = checkpoint if callable(checkpoint) else functools.partial(torch_checkpoint, use_reentrant=False)
     for k in range(max(blocks) + 1):
-        h = teacher.blocks[k](h, text_h, tproj, rotary)
+        if recompute is not None:
+            h = recompute(teacher.blocks[k], h, text_h, tproj, rotary)
+        else:
+            h = teacher.blocks[k](h, text_h, tproj, rotary)
         if k in wanted:
             found[k] = h.transpose(1, 2).unflatten(2, grid)
     return [found[b] for b in blocks]
@@ -118,10 +132,12 @@ class Conv3DDiscriminator(nn.Module):
 
     @classmethod
     def for_teacher(cls, teacher: WanTransformer3DModel, **kwargs) -> Conv3DDiscriminator:
-        """A discriminator sized for ``teacher`` (on its device, float32)."""
+        """A discriminator sized for ``teacher`` (on its device, float32; on CPU when the teacher is
+        on the meta device: the heads are small and initialised at once)."""
         c = teacher.config
         disc = cls(c.num_attention_heads * c.attention_head_dim, c.num_layers, **kwargs)
-        return disc.to(teacher.patch_embedding.weight.device)
+        device = teacher.patch_embedding.weight.device
+        return disc if device.type == "meta" else disc.to(device)
 
     @staticmethod
     def expected_parameters(dim: int, width: int, depth: int, heads: int) -> int:

@@ -203,8 +203,8 @@ class TMDStudent(nn.Module):
         self.time_embed_delta = SmoothTimeEmbedding(dim, zero_init=True, **tkw)
         ref = transformer.patch_embedding.weight
         for mod in (self.fusion, self.time_embed_s, self.time_embed_delta):
-            if mod is not None:
-                mod.to(device=ref.device, dtype=ref.dtype)
+            if mod is not None:  # a transformer on the meta device (filled later) leaves the new layers on CPU
+                mod.to(device=None if ref.is_meta else ref.device, dtype=ref.dtype)
 
     # ---------------------------------------------------------------- construction / io
     @classmethod
@@ -247,7 +247,8 @@ class TMDStudent(nn.Module):
                 (RoPE tables, time embedder, ``scale_shift_table``, float32 LayerNorms) stay float32
                 (:func:`~tmd_train.models.teacher.cast_keeping_fp32`); the student's own layers
                 take ``torch_dtype``.
-            device: where to put the student (default: CPU).
+            device: where to put the student (default: CPU); ``"meta"``: build it without reading
+                the weights (every parameter on the meta device; ``torch_dtype`` applies).
         Raises:
             MissingFileError (a ``FileNotFoundError``): ``directory`` does not exist, is not a
                 student folder (the message says what it is instead: a run's output folder, a Wan
@@ -277,6 +278,8 @@ class TMDStudent(nn.Module):
         with init_empty_weights(include_buffers=False):
             transformer = WanTransformer3DModel.from_config(tcfg)
             student = cls(transformer, StudentConfig(**cfg["student"]))
+        if str(device) == "meta":
+            return cast_keeping_fp32(student, torch_dtype)
         student.load_state_dict(load_file(str(weights)), strict=True, assign=True)
         cast_keeping_fp32(student, torch_dtype)
         if device is not None:

@@ -7,6 +7,7 @@ by :func:`wan_timestep` only.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -77,6 +78,49 @@ def cast_keeping_fp32(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
             if b.is_floating_point():
                 module._buffers[name] = b.to(torch.float32 if head + name in keep else dtype)
     return model
+
+
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """``{tensor name: safetensors file}`` of a diffusers model folder (its
+    ``*.safetensors.index.json`` weight map, else every ``*.safetensors`` file's keys); empty when
+    the folder holds no safetensors (e.g. only ``.bin`` weights)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: folder / v for k, v in weight_map.items()}
+    files: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            files.update({k: path for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    return files
+
+
+def empty_teacher(path: str | Path) -> tuple[WanTransformer3DModel, Path]:
+    """The teacher of a Wan2.1 folder (as :func:`load_teacher` takes it) built without weights:
+    ``(model, transformer folder)``, the model's parameters on the meta device in float32 (its
+    buffers, the RoPE tables, real), in eval mode. Fill it from :func:`weight_files` of the folder.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_teacher`.
+    """
+    from accelerate import init_empty_weights
+
+    folder, sub = _model_folder(Path(path))
+    folder = folder / sub if sub else folder
+    config = dict(WanTransformer3DModel.load_config(str(folder)))
+    config["patch_size"] = tuple(config["patch_size"])
+    with init_empty_weights(include_buffers=False):
+        model = WanTransformer3DModel.from_config(config)
+    if model.config.image_dim is not None or model.config.added_kv_proj_dim is not None:
+        raise ValueError("only text-to-video Wan teachers are supported (image_dim and "
+                         "added_kv_proj_dim must be None)")
+    return model.eval(), folder
 
 
 def load_teacher(path_or_config: str | Path | Mapping, *, torch_dtype: torch.dtype | None = None,

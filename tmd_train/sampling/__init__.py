@@ -6,7 +6,9 @@
   inner flow run by :class:`tmd_ext.FlowHeadLoop`;
 * :mod:`~tmd_train.sampling.nfe` — :func:`effective_nfe` (paper Eq. 16) and the measured count
   :func:`count_blocks`;
-* :mod:`~tmd_train.sampling.inputs` — start noise, noise draws, per-sample times, text checks.
+* :mod:`~tmd_train.sampling.inputs` — start noise, noise draws, per-sample times, text checks;
+* :mod:`~tmd_train.sampling.models` — :func:`sample_model`, the sampler of each kind of model folder
+  (TMD student, DMD2-v student, teacher) with its recorded settings.
 
 Names are imported lazily (PEP 562): the teacher sampler needs no compiled op, the looped one does.
 """
@@ -19,6 +21,7 @@ _EXPORTS = {
     "Sample": "samplers", "sample_few_step": "samplers", "sample_teacher": "samplers", "sample_tmd": "samplers",
     "LoopedInnerFlow": "looped", "sample_tmd_looped": "looped",
     "BlockCount": "nfe", "count_blocks": "nfe", "effective_nfe": "nfe",
+    "sample_model": "models", "resolved_settings": "models",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,6 +7,14 @@ from pathlib import Path
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
+#: Wan2.1's negative prompt, as diffusers' WanPipeline example passes it (English rendering of the Chinese
+#: default negative prompt of Wan's own sampling configs).
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards")
+
 
 class PromptEncoder:
     """UMT5 text encoder + tokenizer of a Wan folder, used as diffusers' ``WanPipeline`` does:
@@ -31,10 +39,16 @@ class PromptEncoder:
     @torch.no_grad()
     def __call__(self, prompt: str) -> torch.Tensor:
         """``prompt`` -> ``[1, max_len, D]`` float32."""
-        enc = self.tokenizer([prompt_clean(prompt)], padding="max_length", max_length=self.max_len,
+        return self.encode([prompt])[0]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prompts`` (a batch) -> ``(text_emb [B, max_len, D] float32, text_mask [B, max_len] bool)``:
+        the encoder's states of each prompt's tokens, zeros after them; the mask marks the tokens."""
+        enc = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=self.max_len,
                              truncation=True, add_special_tokens=True, return_attention_mask=True,
                              return_tensors="pt")
         ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
         hidden = self.encoder(ids, mask).last_hidden_state.float()
-        keep = torch.arange(self.max_len, device=self.device)[None, :] < mask.sum(1, keepdim=True)
-        return torch.where(keep[..., None], hidden, torch.zeros_like(hidden))
+        keep = torch.arange(self.max_len, device=self.device)[None, :] < mask.gt(0).sum(1, keepdim=True)
+        return torch.where(keep[..., None], hidden, torch.zeros_like(hidden)), keep.cpu()
