@@ -247,7 +247,7 @@ def sanitize_cases(device: str) -> list[tuple[str, Callable[[], None]]]:
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape, dtype=torch.float32):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
 
     def sync():
         if device.startswith("cuda"):
@@ -664,8 +664,8 @@ def summary(results: dict, goal_rows: list[dict]) -> str:
             mem = f", peak {r['peak_memory_gb']:.1f} GB" if r.get("peak_memory_gb") is not None else ""
             key = f"L={r['layers']}: {r['s_per_iter']:.3f} s/iter{mem} (planner: none)"
         elif part == "sampler" and r.get("rows"):
-            key = "; ".join(f"{x['provider'].split(' ')[-1]} {x['realised_of_ideal']:.2f} of ideal"
-                            for x in r["rows"][1:])
+            key = "; ".join(f"{'FlowHeadLoop' if 'FlowHeadLoop' in x['provider'] else 'eager'} "
+                            f"{x['realised_of_ideal']:.2f} of ideal" for x in r["rows"][1:])
         elif part == "pytest":
             key = str(r.get("counts") or r.get("collected_cuda_tests", ""))
         elif part == "build":
