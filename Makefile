@@ -2,6 +2,7 @@
 #   make demo   sets up, then runs the toy-world demo (stage 1 + stage 2 on the shipped teacher) -> runs/demo/report.md
 #   make bench  runs every benchmark (BENCH_ARGS, default --small; on the GPU when there is one)
 #   make test   creates .venv if missing, installs torch (the CUDA build where available) + the project, runs pytest
+#   make gpu-check  everything that needs a GPU in one run (bench/gpu_check.py; GPU_CHECK_ARGS); DRY=1: toy sizes, any device
 # In an environment that already has torch >= 2.11 and no network (e.g. the GPU machine): make test VENV=
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
@@ -9,6 +10,8 @@ MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?= --small
+GPU_CHECK_ARGS ?=
+DRY ?=
 export MAX_JOBS
 
 ifeq ($(strip $(VENV)),)
@@ -22,7 +25,7 @@ endif
 DEPS := numpy ninja pytest expecttest ruff safetensors tqdm pyyaml "diffusers>=0.33" "transformers>=4.45" \
         "accelerate>=1.0" sentencepiece imageio imageio-ffmpeg tensorboard matplotlib "peft>=0.13" "av>=12"
 
-.PHONY: test demo bench build clean lint FORCE
+.PHONY: test demo bench build clean lint gpu-check FORCE
 
 test: $(READY)
 	$(PY) -c "import tmd_ext, json; print('tmd_ext build:', json.dumps(tmd_ext.build_info()))"
@@ -33,6 +36,10 @@ demo: $(READY)
 
 bench: $(READY)
 	@for b in bench/bench_*.py; do echo "== $$b"; (cd bench && PYTHONPATH=$(CURDIR) $(PY) $$(basename $$b) $(BENCH_ARGS)) || exit 1; done
+
+# The build for the visible arch is part of the check (with VENV= or an existing interpreter, the script builds).
+gpu-check: $(if $(strip $(VENV)),$(if $(wildcard $(PY)),,$(READY)),)
+	PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),) $(PY) bench/gpu_check.py $(if $(strip $(DRY)),--dry,) $(GPU_CHECK_ARGS)
 
 lint: $(READY)
 	$(PY) -m ruff check .

@@ -4,6 +4,13 @@ copy-bandwidth peak, the table, and `--save` to bench/results/*.json.
 A benchmark defines, per case, one bytes (or FLOP) model shared by every provider, and a dict of
 providers (``tmd``, ``eager`` = tmd_ext.reference, ``compile`` = torch.compile of the reference),
 each a zero-argument callable. Ratios are ``provider_ms / tmd_ms`` (> 1: tmd is faster).
+
+On CUDA each provider is, where it can be, captured in a CUDA graph and its replays are timed (so
+a case made of many small launches is not timed as CPU dispatch); the L2 is flushed before each
+repetition by *reading* a buffer twice its size (a write would leave dirty lines that drain inside
+the timed window); the profiler's summed kernel time per call is reported next to the event time.
+``compiled(fn)`` is a fresh ``torch.compile(fn, dynamic=False)`` after a dynamo reset: build one per
+case and grad mode, so that no provider is a dynamic-shape graph compiled for another case.
 """
 from __future__ import annotations
 
@@ -56,18 +63,95 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str, reps: int | None = None, warmup: int = 3) -> float:
-    """Median wall time of `fn` in milliseconds. On CUDA, CUDA events around each call; the L2 is
-    flushed between calls so a memory-bound kernel is not timed from cache."""
+_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def flush_l2(device: str) -> None:
+    """Evicts the L2 by reading a buffer of twice its size (reads only: no dirty lines are left to be
+    written back inside the next timed window)."""
+    if device not in _FLUSH:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * 1024 * 1024
+        _FLUSH[device] = torch.ones(max(2 * l2, 32 * 1024 * 1024) // 4, dtype=torch.float32, device=device)
+    _FLUSH[device].sum()
+
+
+def capture_graph(fn: Callable[[], object], device: str) -> torch.cuda.CUDAGraph | None:
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream), or None when it cannot be
+    captured (a host sync, a CPU tensor, an op that refuses capture)."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        return graph
+    except Exception:  # noqa: BLE001 - any failure means: time it eagerly
+        torch.cuda.synchronize(device)
+        return None
+
+
+def kernel_ms(fn: Callable[[], object], device: str, reps: int = 5) -> float | None:
+    """Summed device (kernel) time per call of ``fn`` from the profiler, in ms, or None if the
+    profiler gives none."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            sync(device)
+        total_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+        return total_us / reps / 1e3 if total_us > 0 else None
+    except Exception:  # noqa: BLE001 - the profiler is optional
+        return None
+
+
+def time_cuda(fn: Callable[[], object], device: str, reps: int | None = None, warmup: int = 3,
+              graph: bool = True) -> dict:
+    """``{"ms", "graph", "kernel_ms"}``: median event time of ``fn`` (of its CUDA-graph replay when
+    ``graph`` and it can be captured), L2 flushed by reading before each repetition, and the
+    profiler's kernel time per call."""
     for _ in range(warmup):
         fn()
     sync(device)
+    g = capture_graph(fn, device) if graph else None
+    run = g.replay if g is not None else fn
+    reps = reps or 50
+    times = []
+    for _ in range(reps):
+        flush_l2(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"ms": statistics.median(times), "graph": g is not None, "kernel_ms": kernel_ms(fn, device)}
+
+
+def time_ms(fn: Callable[[], object], device: str, reps: int | None = None, warmup: int = 3,
+            graph: bool = False) -> float:
+    """Median wall time of `fn` in milliseconds. On CUDA, CUDA events around each call (of its
+    graph replay with ``graph=True``, see :func:`time_cuda`); the L2 is flushed between calls so a
+    memory-bound kernel is not timed from cache."""
     if device.startswith("cuda"):
-        flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device=device)
+        if graph:
+            return time_cuda(fn, device, reps, warmup, graph=True)["ms"]
+        for _ in range(warmup):
+            fn()
+        sync(device)
         reps = reps or 50
         times = []
         for _ in range(reps):
-            flush.zero_()
+            flush_l2(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -75,6 +159,8 @@ def time_ms(fn: Callable[[], object], device: str, reps: int | None = None, warm
             end.synchronize()
             times.append(start.elapsed_time(end))
         return statistics.median(times)
+    for _ in range(warmup):
+        fn()
     reps = reps or 10
     times = []
     for _ in range(reps):
@@ -107,10 +193,18 @@ def fwd_bwd(fn: Callable, inputs: tuple, leaves: list[torch.Tensor], grad_out) -
     return run
 
 
-def maybe_compile(fn: Callable, enabled: bool) -> Callable | None:
+def compiled(fn: Callable, mode: str | None = None) -> Callable:
+    """A fresh ``torch.compile(fn, dynamic=False)`` (dynamo reset first, so no graph or guard of an
+    earlier case is reused and no dynamic-shape recompilation weakens the baseline)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, mode=mode)
+
+
+def maybe_compile(fn: Callable, enabled: bool, mode: str | None = None) -> Callable | None:
+    """``compiled(fn)`` when ``enabled``, else None; call it once per case and grad mode."""
     if not enabled:
         return None
-    return torch.compile(fn)
+    return compiled(fn, mode)
 
 
 @dataclass
@@ -124,10 +218,16 @@ class Table:
 
     def add_case(self, case: str, work: float, providers: dict[str, Callable[[], object] | None],
                  reps: int | None = None) -> None:
-        """Times every provider of one case. `work` is bytes (GB/s tables) or FLOPs (TFLOP/s)."""
-        ms = {}
+        """Times every provider of one case. `work` is bytes (GB/s tables) or FLOPs (TFLOP/s).
+        On CUDA also records whether the provider ran as a CUDA graph and its profiler kernel time."""
+        ms, info = {}, {}
         for name, fn in providers.items():
-            if fn is not None:
+            if fn is None:
+                continue
+            if self.device.startswith("cuda"):
+                info[name] = time_cuda(fn, self.device, reps)
+                ms[name] = info[name]["ms"]
+            else:
                 ms[name] = time_ms(fn, self.device, reps)
         peak = copy_bandwidth_gbs(self.device) if self.unit == "GB/s" else None
         for name, t in ms.items():
@@ -135,6 +235,9 @@ class Table:
             row = {"case": case, "provider": name, "ms": t, self.unit: thr,
                    "vs_eager": ms["eager"] / t if "eager" in ms else None,
                    "vs_compile": ms["compile"] / t if "compile" in ms else None}
+            if name in info:
+                row["graph"] = info[name]["graph"]
+                row["kernel_ms"] = info[name]["kernel_ms"]
             if peak is not None:
                 row["pct_peak"] = 100 * thr / peak
             self.rows.append(row)

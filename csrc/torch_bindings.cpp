@@ -16,12 +16,14 @@ TORCH_LIBRARY(tmd, m) {
   // Gradients of gated_fusion w.r.t. m, z, gate, alpha.
   m.def("gated_fusion_backward(Tensor grad_out, Tensor m, Tensor z, Tensor gate, Tensor alpha) -> (Tensor grad_m, Tensor grad_z, Tensor grad_gate, Tensor grad_alpha)");
 
-  // gated_fusion(m, x @ weight.T + bias, gate, alpha); x [B,T,K], weight [D,K], bias [D] or None.
-  // On sm_90a a CUTLASS TMA+WGMMA GEMM whose epilogue applies the fusion (z never hits memory).
-  m.def("gated_fusion_linear(Tensor m, Tensor x, Tensor weight, Tensor? bias, Tensor gate, Tensor alpha) -> Tensor");
+  // gated_fusion(m, x @ weight.T + bias + residual, gate, alpha); x [B,T,K], weight [D,K], bias [D]
+  // or None, residual [B,T,D] or None. On sm_90a a CUTLASS TMA+WGMMA GEMM whose epilogue applies
+  // the fusion (z never hits memory).
+  m.def("gated_fusion_linear(Tensor m, Tensor x, Tensor weight, Tensor? bias, Tensor gate, Tensor alpha, Tensor? residual=None) -> Tensor");
   // Gradients of gated_fusion_linear w.r.t. m, x, weight, bias (zeros-shaped [D] sum even when
-  // bias is None; the Python side drops it), gate, alpha. Needs no z: sum_t g*z comes from g_bᵀ·x_b.
-  m.def("gated_fusion_linear_backward(Tensor grad_out, Tensor m, Tensor x, Tensor weight, Tensor? bias, Tensor gate, Tensor alpha) -> (Tensor grad_m, Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate, Tensor grad_alpha)");
+  // bias is None; the Python side drops it), gate, alpha, residual (a 0-element tensor when residual
+  // is None). Needs no z: sum_t g*z comes from g_bᵀ·x_b.
+  m.def("gated_fusion_linear_backward(Tensor grad_out, Tensor m, Tensor x, Tensor weight, Tensor? bias, Tensor gate, Tensor alpha, Tensor? residual=None) -> (Tensor grad_m, Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate, Tensor grad_alpha, Tensor grad_residual)");
 
   // One inner-flow step: y - (s-r)[:,None..]*(y1 - head_out); y, head_out, y1 [B,...], s, r [B].
   m.def("flow_step(Tensor y, Tensor head_out, Tensor y1, Tensor s, Tensor r) -> Tensor");

@@ -10,7 +10,10 @@ graph replays the kernels and the addresses it captured, so a head that depends 
 tensors (a student's backbone features) must read them from buffers that stay put.
 :class:`StaticFlowHeadLoop` owns those buffers: every call copies its inputs into them
 (``copy_``), a call with another layout (shapes, dtypes, devices, key) gets fresh buffers and a new
-loop, and a head that cannot be captured falls back to the eager C++ loop with a warning.
+loop, and a head that cannot be captured falls back to the eager C++ loop — visibly: a
+RuntimeWarning, and :attr:`StaticFlowHeadLoop.fallbacks` / ``fallback_reason`` record it. Under
+autocast the head runs with the autocast weight cache off, so a captured graph never points at a
+cast the cache frees when the autocast region ends.
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ class StaticFlowHeadLoop:
         self.static: tuple[torch.Tensor, ...] = ()
         self._layout: tuple | None = None
         self._head_calls_before = 0  # head calls of loops replaced by a new layout or a fallback
+        self.fallbacks = 0  # times a head that could not be captured fell back to the eager loop
+        self.fallback_reason: str | None = None  # the error of the last fallback
 
     @property
     def num_steps(self) -> int:
@@ -75,6 +80,12 @@ class StaticFlowHeadLoop:
         return self._head_calls_before + (self.loop.num_head_calls if self.loop is not None else 0)
 
     def _static_head(self, y: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        dev = y.device.type
+        if torch.is_autocast_enabled(dev):
+            # The autocast cache keeps casts of the weights only until the region ends; a graph
+            # captured with it would replay reads of freed memory.
+            with torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False):
+                return self.head(y, s, r, *self.static)
         return self.head(y, s, r, *self.static)
 
     def _build(self, y1: torch.Tensor, use_graph: bool | None) -> None:
@@ -104,10 +115,15 @@ class StaticFlowHeadLoop:
         try:
             return self.loop(y1)
         except RuntimeError as e:
+            # Any error before the graph exists (in the warm-up, the capture or a C++ check during
+            # it) falls back when the graph was optional; a head that is simply wrong raises the
+            # same error again from the eager loop.
             fallback = self.use_graph is None and self.loop.uses_graph and not self.loop.captured
-            if not fallback or "CUDA graph" not in str(e):
+            if not fallback:
                 raise
-            warnings.warn(f"the flow head could not be captured into a CUDA graph ({e.__cause__ or e}); "
+            self.fallbacks += 1
+            self.fallback_reason = str(e.__cause__ or e)
+            warnings.warn(f"the flow head could not be captured into a CUDA graph ({self.fallback_reason}); "
                           "running the C++ inner loop eagerly", RuntimeWarning, stacklevel=2)
             self._build(y1, False)
             return self.loop(y1)

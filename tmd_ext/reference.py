@@ -62,13 +62,16 @@ def gated_fusion(m, z, gate, alpha):
     return (mf + lam * (z.to(acc) - mf)).to(m.dtype)
 
 
-def gated_fusion_linear(m, x, weight, bias, gate, alpha):
-    """``gated_fusion(m, x·weightᵀ + bias, gate, alpha)``; x [B,T,K], weight [D,K], bias [D] or None.
-    The GEMM accumulates in fp32 (fp64 for fp64) and ``z`` is not rounded to the input dtype."""
+def gated_fusion_linear(m, x, weight, bias, gate, alpha, residual=None):
+    """``gated_fusion(m, x·weightᵀ + bias + residual, gate, alpha)``; x [B,T,K], weight [D,K], bias [D]
+    or None, residual [B,T,D] or None. The GEMM accumulates in fp32 (fp64 for fp64) and ``z`` is not
+    rounded to the input dtype."""
     acc = _acc(m.dtype)
     z = x.to(acc) @ weight.to(acc).t()
     if bias is not None:
         z = z + bias.to(acc)
+    if residual is not None:
+        z = z + residual.to(acc)
     lam = torch.sigmoid(alpha.to(acc)) * gate.to(acc)[:, None, :]
     mf = m.to(acc)
     return (mf + lam * (z - mf)).to(m.dtype)

@@ -69,12 +69,9 @@ inline RowConfig row_config_backward(int64_t n_vec, int vec) {
   return n_vec <= kMaxThreadsOneItem ? make_config(1, n_vec) : row_config(n_vec, vec);
 }
 
-// Blocks of `block_threads` threads the device holds at once (thread-count bound).
-inline int64_t resident_blocks(int block_threads) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return static_cast<int64_t>(prop->multiProcessorCount) *
-         std::max(1, prop->maxThreadsPerMultiProcessor / block_threads);
-}
+// Grids are sized by resident_blocks_of (core/cuda_utils.cuh): the occupancy calculator's count
+// for the kernel actually launched, so the register use (e.g. 62 registers of the backward at
+// D = 1536) bounds the grid as well as the thread count, and no tail wave is launched.
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -261,16 +258,19 @@ void launch_forward(const AdalnModulateParams<scalar_t, acc_t>& p, cudaStream_t 
   const RowConfig cfg = row_config(p.dim / VEC, VEC);
   const int64_t rows = p.batch * p.tokens;
   if (cfg.items == 0) {
-    const int grid = static_cast<int>(std::min(rows, resident_blocks(cfg.threads_x)));
-    adaln_fwd_streaming_kernel<scalar_t, acc_t><<<grid, cfg.threads_x, 0, stream>>>(p);
+    const auto kernel = adaln_fwd_streaming_kernel<scalar_t, acc_t>;
+    const int grid = static_cast<int>(std::min(rows, resident_blocks_of(kernel, cfg.threads_x)));
+    kernel<<<grid, cfg.threads_x, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   const dim3 block(cfg.threads_x, cfg.rows_per_block);
   const int64_t groups = ceil_div(rows, cfg.rows_per_block);
-  const int grid = static_cast<int>(std::min(groups, resident_blocks(cfg.threads_x * cfg.rows_per_block)));
   with_items<VEC>(cfg.items, [&](auto items) {
-    adaln_fwd_kernel<scalar_t, acc_t, VEC, decltype(items)::value><<<grid, block, 0, stream>>>(p);
+    const auto kernel = adaln_fwd_kernel<scalar_t, acc_t, VEC, decltype(items)::value>;
+    const int grid =
+        static_cast<int>(std::min(groups, resident_blocks_of(kernel, cfg.threads_x * cfg.rows_per_block)));
+    kernel<<<grid, block, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -406,9 +406,23 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_bwd_streaming_kernel(
 
 // Chunks of T per batch entry: enough blocks to fill the device, at least kMinRowsPerChunk rows
 // each (fewer, larger chunks keep the partial sums small).
-inline int64_t chunk_count(int64_t batch, int64_t tokens, const RowConfig& cfg) {
-  const int64_t want = ceil_div(resident_blocks(cfg.threads_x * cfg.rows_per_block), batch);
+// `resident`: backward_resident_blocks of the kernel that will run.
+inline int64_t chunk_count(int64_t batch, int64_t tokens, int64_t resident) {
+  const int64_t want = ceil_div(resident, batch);
   return std::max<int64_t>(1, std::min(want, ceil_div(tokens, kMinRowsPerChunk)));
+}
+
+// Blocks of the backward kernel launch_backward<scalar_t, acc_t, VEC> will run for `cfg` that the
+// device holds at once.
+template <typename scalar_t, typename acc_t, int VEC>
+int64_t backward_resident_blocks(const RowConfig& cfg) {
+  if (cfg.items == 0) return resident_blocks_of(adaln_bwd_streaming_kernel<scalar_t, acc_t>, cfg.threads_x);
+  int64_t n = 0;
+  with_items<VEC>(cfg.items, [&](auto items) {
+    n = resident_blocks_of(adaln_bwd_kernel<scalar_t, acc_t, VEC, decltype(items)::value>,
+                           cfg.threads_x * cfg.rows_per_block);
+  });
+  return n;
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -474,7 +488,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward_cuda(cons
     constexpr int VEC = vec_width<scalar_t>();
     const bool vec_ok = D % VEC == 0 && all_aligned({gc.data_ptr(), xc.data_ptr(), scc.data_ptr(), grad_x.data_ptr()});
     const RowConfig cfg = vec_ok ? row_config_backward(D / VEC, VEC) : row_config_backward(D, 1);
-    int64_t n_chunks = chunk_count(B, T, cfg);
+    const int64_t resident = vec_ok ? backward_resident_blocks<scalar_t, acc_t, VEC>(cfg)
+                                    : backward_resident_blocks<scalar_t, acc_t, 1>(cfg);
+    int64_t n_chunks = chunk_count(B, T, resident);
     const int64_t chunk_len = ceil_div(T, n_chunks);
     n_chunks = ceil_div(T, chunk_len);  // no empty chunk
     const int64_t n_partials = n_chunks * cfg.rows_per_block;

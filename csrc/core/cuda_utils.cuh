@@ -33,4 +33,34 @@ inline int64_t grid_for(int64_t n, int threads) {
   return want < 1 ? 1 : (want < cap ? want : cap);
 }
 
+// Blocks of `kernel` launched with `block_threads` threads (and `smem` dynamic shared memory) that
+// the device holds at once: the occupancy calculator's per-SM count (registers, shared memory and
+// threads all bound it) times the SM count, at least one per SM.
+template <typename Kernel>
+inline int64_t resident_blocks_of(Kernel kernel, int block_threads, size_t smem = 0) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block_threads, smem));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+}
+
+// A [B] float32 or float64 per-sample time tensor read inside a kernel, so that no coefficient
+// has to be formed by small preamble kernels or on the host (no host sync; capturable in a CUDA
+// graph). Any stride; the value is widened to double.
+struct TimeArg {
+  const void* ptr;
+  int64_t stride;
+  bool is_double;
+
+  __device__ __forceinline__ double operator[](int64_t b) const {
+    return is_double ? static_cast<const double*>(ptr)[b * stride]
+                     : static_cast<double>(static_cast<const float*>(ptr)[b * stride]);
+  }
+};
+
+// The TimeArg of a 1-d float32/float64 tensor (dtype checked by the caller).
+inline TimeArg time_arg(const at::Tensor& t) {
+  return {t.const_data_ptr(), t.stride(0), t.scalar_type() == at::kDouble};
+}
+
 }  // namespace tmd

@@ -19,7 +19,7 @@ struct FlowStepParams {
   const scalar_t* y;
   const scalar_t* head_out;
   const scalar_t* y1;
-  const acc_t* c;       // s - r per sample
+  const acc_t* c;       // s - r per sample (CPU; the CUDA kernels read s and r themselves)
   scalar_t* out;
   int64_t batch;
   int64_t per_sample;   // elements per sample
@@ -28,7 +28,7 @@ struct FlowStepParams {
 template <typename scalar_t, typename acc_t>
 struct FlowStepBackwardParams {
   const scalar_t* grad_out;
-  const acc_t* c;
+  const acc_t* c;  // s - r per sample (CPU only, as above)
   scalar_t* grad_head_out;  //  c * grad_out
   scalar_t* grad_y1;        // -c * grad_out
   int64_t batch;

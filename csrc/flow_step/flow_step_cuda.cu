@@ -1,6 +1,8 @@
 // CUDA kernels of flow_step (the twin of flow_step_cpu.cpp; same per-element math).
 // Memory-bound: 16-byte vector loads/stores when every sample's length is a multiple of the
-// vector width and the pointers are aligned, scalar grid-stride loop otherwise.
+// vector width and the pointers are aligned, scalar grid-stride loop otherwise. The kernels read s
+// and r themselves (c = s - r in float64, then cast to the opmath dtype, as flow_step_coeff), so a
+// call is one launch with no preamble kernels.
 #include <torch/library.h>
 
 #include "core/cuda_utils.cuh"
@@ -13,13 +15,14 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void flow_step_kernel(FlowStepParams<scalar_t, acc_t> p) {
+__global__ void flow_step_kernel(FlowStepParams<scalar_t, acc_t> p, TimeArg s, TimeArg r) {
   using V = AlignedVec<scalar_t, VEC>;
   const int64_t n_vec = p.batch * p.per_sample / VEC;
   for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < n_vec;
        v += (int64_t)gridDim.x * blockDim.x) {
     const int64_t i = v * VEC;
-    const acc_t c = p.c[i / p.per_sample];  // VEC divides per_sample: one sample per vector
+    const int64_t b = i / p.per_sample;  // VEC divides per_sample: one sample per vector
+    const acc_t c = static_cast<acc_t>(s[b] - r[b]);
     const V y = reinterpret_cast<const V*>(p.y)[v];
     const V h = reinterpret_cast<const V*>(p.head_out)[v];
     const V y1 = reinterpret_cast<const V*>(p.y1)[v];
@@ -34,12 +37,13 @@ __global__ void flow_step_kernel(FlowStepParams<scalar_t, acc_t> p) {
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void flow_step_backward_kernel(FlowStepBackwardParams<scalar_t, acc_t> p) {
+__global__ void flow_step_backward_kernel(FlowStepBackwardParams<scalar_t, acc_t> p, TimeArg s, TimeArg r) {
   using V = AlignedVec<scalar_t, VEC>;
   const int64_t n_vec = p.batch * p.per_sample / VEC;
   for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < n_vec;
        v += (int64_t)gridDim.x * blockDim.x) {
-    const acc_t c = p.c[v * VEC / p.per_sample];
+    const int64_t b = v * VEC / p.per_sample;
+    const acc_t c = static_cast<acc_t>(s[b] - r[b]);
     const V g = reinterpret_cast<const V*>(p.grad_out)[v];
     V gh, gy1;
 #pragma unroll
@@ -64,7 +68,8 @@ bool vectorizable(const P& p, int vec, std::initializer_list<const void*> ptrs) 
 
 at::Tensor flow_step_cuda(const at::Tensor& y, const at::Tensor& head_out, const at::Tensor& y1,
                           const at::Tensor& s, const at::Tensor& r) {
-  at::Tensor c = flow_step_check_and_coeff(y, head_out, y1, s, r);
+  flow_step_check(y, head_out, y1, s, r);
+  const TimeArg ts = time_arg(s), tr = time_arg(r);
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor yc = y.contiguous(), hc = head_out.contiguous(), y1c = y1.contiguous();
   at::Tensor out = at::empty_like(yc);
@@ -73,14 +78,14 @@ at::Tensor flow_step_cuda(const at::Tensor& y, const at::Tensor& head_out, const
   TMD_DISPATCH_FLOATING(y.scalar_type(), "flow_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FlowStepParams<scalar_t, acc_t> p{yc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
-                                      y1c.data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
+                                      y1c.data_ptr<scalar_t>(), nullptr,
                                       out.data_ptr<scalar_t>(), batch, per};
     constexpr int VEC = vec_width<scalar_t>();
     if (vectorizable(p, VEC, {p.y, p.head_out, p.y1, p.out})) {
       flow_step_kernel<scalar_t, acc_t, VEC>
-          <<<grid_for(batch * per / VEC, kThreads), kThreads, 0, stream>>>(p);
+          <<<grid_for(batch * per / VEC, kThreads), kThreads, 0, stream>>>(p, ts, tr);
     } else {
-      flow_step_kernel<scalar_t, acc_t, 1><<<grid_for(batch * per, kThreads), kThreads, 0, stream>>>(p);
+      flow_step_kernel<scalar_t, acc_t, 1><<<grid_for(batch * per, kThreads), kThreads, 0, stream>>>(p, ts, tr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -89,7 +94,8 @@ at::Tensor flow_step_cuda(const at::Tensor& y, const at::Tensor& head_out, const
 
 std::tuple<at::Tensor, at::Tensor> flow_step_backward_cuda(const at::Tensor& grad_out, const at::Tensor& s,
                                                            const at::Tensor& r) {
-  at::Tensor c = flow_step_backward_check_and_coeff(grad_out, s, r);
+  flow_step_backward_check(grad_out, s, r);
+  const TimeArg ts = time_arg(s), tr = time_arg(r);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   at::Tensor g = grad_out.contiguous();
   at::Tensor gh = at::empty_like(g), gy1 = at::empty_like(g);
@@ -98,15 +104,15 @@ std::tuple<at::Tensor, at::Tensor> flow_step_backward_cuda(const at::Tensor& gra
   auto stream = at::cuda::getCurrentCUDAStream();
   TMD_DISPATCH_FLOATING(g.scalar_type(), "flow_step_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    FlowStepBackwardParams<scalar_t, acc_t> p{g.data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
+    FlowStepBackwardParams<scalar_t, acc_t> p{g.data_ptr<scalar_t>(), nullptr,
                                               gh.data_ptr<scalar_t>(), gy1.data_ptr<scalar_t>(), batch, per};
     constexpr int VEC = vec_width<scalar_t>();
     if (vectorizable(p, VEC, {p.grad_out, p.grad_head_out, p.grad_y1})) {
       flow_step_backward_kernel<scalar_t, acc_t, VEC>
-          <<<grid_for(batch * per / VEC, kThreads), kThreads, 0, stream>>>(p);
+          <<<grid_for(batch * per / VEC, kThreads), kThreads, 0, stream>>>(p, ts, tr);
     } else {
       flow_step_backward_kernel<scalar_t, acc_t, 1>
-          <<<grid_for(batch * per, kThreads), kThreads, 0, stream>>>(p);
+          <<<grid_for(batch * per, kThreads), kThreads, 0, stream>>>(p, ts, tr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -177,7 +177,6 @@ at::Tensor gated_fusion_elem_backward_cuda(const at::Tensor& grad_out, const at:
                                            const at::Tensor& lam, at::Tensor& grad_m, at::Tensor& grad_z) {
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   at::Tensor partial;
   TMD_DISPATCH_FLOATING(m.scalar_type(), "gated_fusion_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -193,14 +192,19 @@ at::Tensor gated_fusion_elem_backward_cuda(const at::Tensor& grad_out, const at:
                        {lam.data_ptr(), (int)sizeof(acc_t)}, {grad_m.data_ptr(), (int)sizeof(scalar_t)},
                        {grad_z.data_ptr(), (int)sizeof(gz_t)}});
         const int vec_used = vec ? VEC : 1;
-        // Launch shape: one thread per column group, enough token chunks for ~8 blocks per SM
-        // (fewer when B*D alone fills the device); partial [n_chunks,B,D] is 16-byte aligned
-        // for every row since D is a multiple of VEC on the vector path.
+        // Launch shape: one thread per column group, enough token chunks for one full wave of the
+        // blocks the device holds at once (the occupancy calculator's count for this kernel, so
+        // its register use bounds it too; fewer when B*D alone fills the device); partial
+        // [n_chunks,B,D] is 16-byte aligned for every row since D is a multiple of VEC on the
+        // vector path.
         const int64_t groups = dim / vec_used;
         const int threads = static_cast<int>(std::min<int64_t>(kThreads, (groups + 31) / 32 * 32));
         const int64_t col_blocks = (groups + threads - 1) / threads;
+        const int64_t resident =
+            vec ? resident_blocks_of(gated_fusion_backward_kernel<scalar_t, z_t, acc_t, gz_t, VEC>, threads)
+                : resident_blocks_of(gated_fusion_backward_kernel<scalar_t, z_t, acc_t, gz_t, 1>, threads);
         const int64_t want_chunks = std::clamp<int64_t>(
-            (static_cast<int64_t>(sms) * 8 + col_blocks * batch - 1) / (col_blocks * batch), 1, tokens);
+            (resident + col_blocks * batch - 1) / (col_blocks * batch), 1, tokens);
         const int64_t chunk = (tokens + want_chunks - 1) / want_chunks;
         const int64_t n_chunks = (tokens + chunk - 1) / chunk;
         const int64_t blocks = n_chunks * batch * col_blocks;

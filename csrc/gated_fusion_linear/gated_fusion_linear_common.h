@@ -8,6 +8,8 @@
 //   sum_t g*(z - m)  = sum_k weight[d,k]*G_b[d,k] + sum_t g*(bias - m)
 // where the last sum comes from the elementwise pass run without z. So the backward is one
 // elementwise pass and two GEMMs (G and grad_x = grad_z·weight), as for an unfused linear.
+// With a residual e (z = x·weightᵀ + bias + e) the elementwise pass takes e in place of z (its
+// partial sums become those of g*(e + bias - m)) and grad_e = grad_z.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,11 +22,12 @@
 
 namespace tmd {
 
-// m [B,T,D]; x [B,T,K]; weight [D,K]; bias [D] or None; gate [B,D]; alpha 0-d; one float dtype,
-// one device; B, T, D, K > 0.
+// m [B,T,D]; x [B,T,K]; weight [D,K]; bias [D] or None; gate [B,D]; alpha 0-d; residual [B,T,D]
+// or None; one float dtype, one device; B, T, D, K > 0.
 inline void gated_fusion_linear_check(const at::Tensor& m, const at::Tensor& x, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, const at::Tensor& gate,
-                                      const at::Tensor& alpha) {
+                                      const at::Tensor& alpha,
+                                      const std::optional<at::Tensor>& residual = std::nullopt) {
   check_float(m, "m");
   check_float(x, "x");
   check_float(weight, "weight");
@@ -52,6 +55,12 @@ inline void gated_fusion_linear_check(const at::Tensor& m, const at::Tensor& x, 
   if (bias) check_shape(*bias, {dim}, "bias");
   check_shape(gate, {batch, dim}, "gate");
   gated_fusion_check_alpha(alpha);
+  if (residual) {
+    check_float(*residual, "residual");
+    check_same_dtype(*residual, "residual", m, "m");
+    check_same_device(*residual, "residual", m, "m");
+    check_shape(*residual, m.sizes(), "residual");
+  }
 }
 
 // From G [B,D,K] and the elementwise pass's partial sums [n_chunks,B,D] of g*(bias - m) (both
@@ -66,9 +75,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_fusion_linear_weight
   return {grad_weight, grad_gate, grad_alpha};
 }
 
-// The contiguous bias, or nullopt.
+// The contiguous bias (or residual), or nullopt.
 inline std::optional<at::Tensor> gated_fusion_linear_bias(const std::optional<at::Tensor>& bias) {
   return bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+}
+
+// grad_residual: grad_z in the dtype of m when there is a residual, else a 0-element tensor.
+inline at::Tensor gated_fusion_linear_grad_residual(const std::optional<at::Tensor>& residual,
+                                                    const at::Tensor& grad_z, const at::Tensor& m) {
+  return residual ? grad_z.to(m.scalar_type()) : at::empty({0}, m.options());
 }
 
 }  // namespace tmd

@@ -1,6 +1,7 @@
 // CUDA kernels of gated_fusion_linear (the twin of gated_fusion_linear_cpu.cpp). Generic path:
 // z = x·weightᵀ by cuBLAS with an fp32 output for 16-bit inputs (never rounded to the input
-// dtype), then the gated_fusion elementwise kernel adding the bias. On sm_90a the CUTLASS GEMM
+// dtype), plus the residual when there is one, then the gated_fusion elementwise kernel adding the
+// bias. On sm_90a the CUTLASS GEMM
 // with the fusion in its epilogue (gated_fusion_linear_sm90.h) replaces both when it supports the
 // case. The backward (gated_fusion_linear_common.h) does not recompute z: one fused elementwise
 // pass (grad_m, grad_z in the input dtype, partial sums of g*(bias - m)), then two cuBLAS GEMMs,
@@ -31,46 +32,52 @@ at::Tensor gt_x_opmath_cuda(const at::Tensor& g, const at::Tensor& x) {
 
 at::Tensor gated_fusion_linear_cuda(const at::Tensor& m_in, const at::Tensor& x_in, const at::Tensor& weight_in,
                                     const std::optional<at::Tensor>& bias_in, const at::Tensor& gate,
-                                    const at::Tensor& alpha) {
-  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha);
+                                    const at::Tensor& alpha, const std::optional<at::Tensor>& residual_in) {
+  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha, residual_in);
   const c10::cuda::CUDAGuard guard(m_in.device());
   const at::Tensor m = m_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = gated_fusion_linear_bias(bias_in);
+  const std::optional<at::Tensor> residual = gated_fusion_linear_bias(residual_in);
   const at::Tensor lam = gated_fusion_lambda(gate, alpha);
   at::Tensor out = at::empty(m.sizes(), m.options());
   // sm_90a, bf16/fp16: the CUTLASS GEMM with the fusion in its epilogue (z never goes to memory).
   // It declines (returns false) for cases it does not support; then the generic path below runs.
   const bool low_precision = m.scalar_type() == at::kBFloat16 || m.scalar_type() == at::kHalf;
-  if (low_precision && gated_fusion_linear_sm90(m, x, weight, bias, lam, out)) return out;
+  if (low_precision && gated_fusion_linear_sm90(m, x, weight, bias, residual, lam, out)) return out;
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
-  const at::Tensor z = linear_opmath_cuda(x.view({batch * tokens, k}), weight).view({batch, tokens, dim});
+  at::Tensor z = linear_opmath_cuda(x.view({batch * tokens, k}), weight).view({batch, tokens, dim});
+  if (residual) z.add_(*residual);  // opmath += input dtype
   gated_fusion_elem_forward_cuda(m, z, bias, lam, out);
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_fusion_linear_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& m_in, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const std::optional<at::Tensor>& bias_in, const at::Tensor& gate, const at::Tensor& alpha) {
-  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_fusion_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& m_in, const at::Tensor& x_in,
+                                  const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+                                  const at::Tensor& gate, const at::Tensor& alpha,
+                                  const std::optional<at::Tensor>& residual_in) {
+  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha, residual_in);
   gated_fusion_check_grad_out(grad_out, m_in);
   const c10::cuda::CUDAGuard guard(m_in.device());
   const at::Tensor g = grad_out.contiguous(), m = m_in.contiguous(), x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = gated_fusion_linear_bias(bias_in);
+  const std::optional<at::Tensor> residual = gated_fusion_linear_bias(residual_in);
   const at::Tensor lam = gated_fusion_lambda(gate, alpha);
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
   const at::ScalarType acc = opmath_dtype(m.scalar_type());
 
   at::Tensor grad_m = at::empty(m.sizes(), m.options());
   at::Tensor grad_z = at::empty(m.sizes(), m.options());
-  const at::Tensor partial = gated_fusion_elem_backward_cuda(g, m, std::nullopt, bias, lam, grad_m, grad_z);
+  const at::Tensor partial = gated_fusion_elem_backward_cuda(g, m, residual, bias, lam, grad_m, grad_z);
   auto [grad_weight, grad_gate, grad_alpha] =
       gated_fusion_linear_weight_gate_alpha_grads(gt_x_opmath_cuda(g, x), partial, weight, lam, gate, alpha);
 
   const at::Tensor gz2d = grad_z.view({batch * tokens, dim});
   at::Tensor grad_x = at::mm(gz2d, weight).view({batch, tokens, k});
   at::Tensor grad_bias = at::sum(gz2d, {0}, false, acc).to(m.scalar_type());
-  return {grad_m, grad_x, grad_weight, grad_bias, grad_gate, grad_alpha};
+  at::Tensor grad_residual = gated_fusion_linear_grad_residual(residual, grad_z, m);
+  return {grad_m, grad_x, grad_weight, grad_bias, grad_gate, grad_alpha, grad_residual};
 }
 
 }  // namespace

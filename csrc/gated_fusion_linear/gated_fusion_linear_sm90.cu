@@ -1,7 +1,7 @@
 // The sm_90a CUTLASS path of gated_fusion_linear: one batched TMA + WGMMA GEMM (CUTLASS 3.x
 // CollectiveBuilder, warp-specialized cooperative persistent kernel) whose epilogue visitor tree
 // (EVT) applies the gated fusion, so z = x·Wᵀ + b never goes to memory:
-//   out[b,t,d] = m[b,t,d] + lam[b,d] * (acc[b,t,d] + bias[d] - m[b,t,d]),
+//   out[b,t,d] = m[b,t,d] + lam[b,d] * (acc[b,t,d] + bias[d] + e[b,t,d] - m[b,t,d]),
 //   acc[b,t,d] = sum_k x[b,t,k] * weight[d,k]   (fp32 accumulation, fp32 epilogue math).
 //
 // GEMM mapping (CUTLASS names (M, N, K, L) = (T, D, K, B)):
@@ -12,6 +12,8 @@
 //   D = out     like C
 //   lam  fp32 [B,D]  row broadcast with batch stride D
 //   bias [D]         row broadcast with batch stride 0 (a compile-time variant without it)
+//   e   [T,D] per batch (the optional residual), batch stride T*D: an auxiliary load of the
+//               epilogue (a compile-time variant with it, whose bias pointer may be null)
 // The batch is the L mode rather than folded into M so that a tile never straddles two batches
 // (lam depends on b; a partial last M tile of one batch is clipped by the TMA bounds of its own
 // batch instead of reading or writing the next one).
@@ -85,8 +87,9 @@ using LayoutC = cutlass::layout::RowMajor;                 // m, out: (M,N,L) st
 using StrideLam = cute::Stride<_0, _1, int64_t>;           // lam: (M,N,L) strides (0, 1, D)
 using StrideBias = cute::Stride<_0, _1, _0>;               // bias: (M,N,L) strides (0, 1, 0)
 
-template <typename Element, bool kHasBias>
+template <typename Element, bool kHasBias, bool kHasResidual = false>
 struct GatedFusionLinearGemm {
+  static_assert(kHasBias || !kHasResidual, "the residual variant carries the bias node (null bias: zeros)");
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
   static constexpr int kAlign = 16 / sizeof(Element);  // 16-byte TMA alignment, in elements
 
@@ -95,17 +98,27 @@ struct GatedFusionLinearGemm {
   //   Src  = m[b, t, n]                                the C tensor (loaded once by TMA, fetched
   //                                                    by both Src leaves from registers)
   //   Z    = acc + bias[n]   (or acc without bias)     fp32
+  //          (+ e[b, t, n] in the residual variant: an auxiliary load straight from global memory
+  //          into registers, predicated and vectorised by CUTLASS, no shared-memory stage)
   //   Diff = Z - Src                                    fp32
   //   Out  = Lam * Diff + Src                           fp32 FMA, rounded once to Element
   using Lam = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, StrideLam>;
   using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float, StrideBias>;
   using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
   using Src = cutlass::epilogue::fusion::Sm90SrcFetch<Element>;
-  using Z = std::conditional_t<
+  using StrideRes = cute::Stride<int64_t, _1, int64_t>;  // e: (M,N,L) strides (D, 1, T*D)
+  using Res = cutlass::epilogue::fusion::Sm90AuxLoad<0, cutlass::epilogue::collective::EpilogueTileAuto, Element,
+                                                     StrideRes, void, void, kAlign>;
+  using AccBias = std::conditional_t<
       kHasBias,
       cutlass::epilogue::fusion::Sm90EVT<
           cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float, kRound>, Acc, Bias>,
       Acc>;
+  using Z = std::conditional_t<
+      kHasResidual,
+      cutlass::epilogue::fusion::Sm90EVT<
+          cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float, kRound>, AccBias, Res>,
+      AccBias>;
   using Diff = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::minus, float, float, kRound>, Z, Src>;
   using Fusion = cutlass::epilogue::fusion::Sm90EVT<
@@ -135,17 +148,24 @@ struct GatedFusionLinearGemm {
   static_assert(std::is_same_v<typename Kernel::StrideD, cute::Stride<int64_t, _1, int64_t>>);
 
   static typename Fusion::Arguments fusion_arguments(const float* lam, const Element* bias,
-                                                     int64_t D) {
+                                                     const Element* residual, int64_t T, int64_t D) {
     typename Fusion::Arguments args;  // {Lam, Diff, Src, FMA}
     args.op_0 = {lam, 0.0f, StrideLam{_0{}, _1{}, D}};
-    if constexpr (kHasBias) {
+    if constexpr (kHasResidual) {
+      // Z = {AccBias, Res, plus}, AccBias = {Acc, Bias, plus}; a null bias broadcasts zeros.
+      args.op_1.op_0.op_0 = {{}, {bias, Element(0), StrideBias{}}, {}};
+      args.op_1.op_0.op_1 = {residual, Element(0), StrideRes{D, _1{}, T * D}};
+    } else if constexpr (kHasBias) {
       args.op_1.op_0 = {{}, {bias, Element(0), StrideBias{}}, {}};  // Z = {Acc, Bias, plus}
     }
     return args;
   }
 
-  static void run(const at::Tensor& m, const at::Tensor& x, const at::Tensor& weight,
-                  const at::Tensor* bias, const at::Tensor& lam, at::Tensor& out) {
+  // Runs the GEMM and returns true, or returns false before launching anything when CUTLASS's
+  // can_implement declines the case (the caller then takes the generic path).
+  static bool run(const at::Tensor& m, const at::Tensor& x, const at::Tensor& weight,
+                  const at::Tensor* bias, const at::Tensor* residual, const at::Tensor& lam,
+                  at::Tensor& out) {
     const int64_t B = m.size(0), T = m.size(1), D = m.size(2), K = x.size(2);
     const int device = m.get_device();
 
@@ -159,7 +179,9 @@ struct GatedFusionLinearGemm {
     args.mainloop.dB = StrideB{K, _1{}, _0{}};
     args.epilogue.thread = fusion_arguments(
         lam.const_data_ptr<float>(),
-        kHasBias ? reinterpret_cast<const Element*>(bias->const_data_ptr()) : nullptr, D);
+        bias != nullptr ? reinterpret_cast<const Element*>(bias->const_data_ptr()) : nullptr,
+        residual != nullptr ? reinterpret_cast<const Element*>(residual->const_data_ptr()) : nullptr, T,
+        D);
     args.epilogue.ptr_C = reinterpret_cast<const Element*>(m.const_data_ptr());
     args.epilogue.dC = cute::make_stride(D, _1{}, T * D);
     args.epilogue.ptr_D = reinterpret_cast<Element*>(out.data_ptr());
@@ -169,9 +191,7 @@ struct GatedFusionLinearGemm {
 
     Gemm gemm;
     cutlass::Status status = gemm.can_implement(args);
-    TORCH_CHECK(status == cutlass::Status::kSuccess,
-                "gated_fusion_linear (sm90 CUTLASS): can_implement rejected B=", B, " T=", T,
-                " D=", D, " K=", K, ": ", cutlass::cutlassGetStatusString(status));
+    if (status != cutlass::Status::kSuccess) return false;  // e.g. a TMA box or alignment it rejects
 
     const size_t workspace_bytes = Gemm::get_workspace_size(args);
     at::Tensor workspace;
@@ -190,6 +210,7 @@ struct GatedFusionLinearGemm {
                 cutlass::cutlassGetStatusString(status), " (", cudaGetErrorString(cudaGetLastError()),
                 ")");
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
   }
 };
 
@@ -205,13 +226,19 @@ bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
 bool gated_fusion_linear_sm90_compiled() { return TMD_GFL_SM90_KERNELS != 0; }
 
 bool gated_fusion_linear_sm90(const at::Tensor& m, const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, const at::Tensor& lam,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, const at::Tensor& lam,
                               at::Tensor& out) {
 #if !TMD_GFL_SM90_KERNELS
-  (void)m, (void)x, (void)weight, (void)bias, (void)lam, (void)out;
+  (void)m, (void)x, (void)weight, (void)bias, (void)residual, (void)lam, (void)out;
   return false;
 #else
   const at::Tensor* b = bias.has_value() && bias->defined() ? &*bias : nullptr;
+  const at::Tensor* e = residual.has_value() && residual->defined() ? &*residual : nullptr;
+  TORCH_CHECK(e == nullptr || (e->sizes() == m.sizes() && e->scalar_type() == m.scalar_type() &&
+                               e->device() == m.device() && e->is_contiguous()),
+              "gated_fusion_linear_sm90: residual must be a contiguous tensor like m (", m.sizes(), ", ",
+              m.scalar_type(), "), got ", e->sizes(), ", ", e->scalar_type());
 
   // The caller's contract (checked, not a fallback condition).
   TORCH_CHECK(m.dim() == 3 && x.dim() == 3 && weight.dim() == 2 && lam.dim() == 2 &&
@@ -255,25 +282,21 @@ bool gated_fusion_linear_sm90(const at::Tensor& m, const at::Tensor& x, const at
   if (B < 1 || T < 1 || D < 1 || K < 1) return false;
   if (!fits_int(B) || !fits_int(T) || !fits_int(D) || !fits_int(K)) return false;
   if (K % 8 != 0 || D % 8 != 0) return false;  // 16-byte TMA rows of x, weight, m, out
-  for (const at::Tensor* t : {&m, &x, &weight, &lam, static_cast<const at::Tensor*>(&out), b}) {
+  for (const at::Tensor* t : {&m, &x, &weight, &lam, static_cast<const at::Tensor*>(&out), b, e}) {
     if (t != nullptr && !aligned16(*t)) return false;
   }
 
   const c10::cuda::CUDAGuard guard(m.device());
   if (dtype == at::kBFloat16) {
-    if (b != nullptr) {
-      GatedFusionLinearGemm<cutlass::bfloat16_t, true>::run(m, x, weight, b, lam, out);
-    } else {
-      GatedFusionLinearGemm<cutlass::bfloat16_t, false>::run(m, x, weight, nullptr, lam, out);
-    }
-  } else {
-    if (b != nullptr) {
-      GatedFusionLinearGemm<cutlass::half_t, true>::run(m, x, weight, b, lam, out);
-    } else {
-      GatedFusionLinearGemm<cutlass::half_t, false>::run(m, x, weight, nullptr, lam, out);
-    }
+    using E = cutlass::bfloat16_t;
+    if (e != nullptr) return GatedFusionLinearGemm<E, true, true>::run(m, x, weight, b, e, lam, out);
+    if (b != nullptr) return GatedFusionLinearGemm<E, true>::run(m, x, weight, b, nullptr, lam, out);
+    return GatedFusionLinearGemm<E, false>::run(m, x, weight, nullptr, nullptr, lam, out);
   }
-  return true;
+  using E = cutlass::half_t;
+  if (e != nullptr) return GatedFusionLinearGemm<E, true, true>::run(m, x, weight, b, e, lam, out);
+  if (b != nullptr) return GatedFusionLinearGemm<E, true>::run(m, x, weight, b, nullptr, lam, out);
+  return GatedFusionLinearGemm<E, false>::run(m, x, weight, nullptr, nullptr, lam, out);
 #endif
 }
 

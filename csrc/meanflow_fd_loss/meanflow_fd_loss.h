@@ -42,8 +42,8 @@ struct MeanflowFdLossParams {
   const scalar_t* u_plus;
   const scalar_t* u_minus;
   const scalar_t* v;
-  const acc_t* a;    // (s-r)/(s_plus-s_minus), 0 where s == r
-  const bool* fd;    // s != r
+  const acc_t* a;    // (s-r)/(s_plus-s_minus), 0 where s == r (CPU; the CUDA kernels read the times)
+  const bool* fd;    // s != r (CPU, as a)
   acc_t* loss;       // [B]
   acc_t* mse;        // [B]
   int64_t batch;

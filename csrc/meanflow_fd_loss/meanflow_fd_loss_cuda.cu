@@ -6,6 +6,11 @@
 // branch is uniform per block). Backward: one elementwise pass writing grad_u.
 // 16-byte vector loads when every sample's length is a multiple of the vector width and the
 // pointers are aligned, scalar loads otherwise.
+// The kernels read the four times themselves (a = (s-r)/(s_plus-s_minus) formed in float64 and cast
+// to the opmath dtype, as meanflow_fd_coeffs does on the CPU): no host sync, no preamble kernels,
+// capturable in a CUDA graph. The value check of the CPU path (s_plus != s_minus on rows with
+// s != r) costs a host sync here, so it is not made: such a row gets a = NaN, hence NaN loss, mse
+// and grad_u on that row only.
 #include <torch/library.h>
 
 #include <climits>
@@ -16,6 +21,29 @@
 
 namespace tmd {
 namespace {
+
+// The four [B] times of a call, read in-kernel.
+struct MeanflowTimes {
+  TimeArg s, r, s_plus, s_minus;
+};
+
+MeanflowTimes meanflow_times(const at::Tensor& s, const at::Tensor& r, const at::Tensor& s_plus,
+                             const at::Tensor& s_minus) {
+  return {time_arg(s), time_arg(r), time_arg(s_plus), time_arg(s_minus)};
+}
+
+// Row b: fd = (s != r) and a = (s-r)/(s_plus-s_minus) (NaN when s_plus == s_minus), 0 when !fd.
+template <typename acc_t>
+__device__ __forceinline__ bool meanflow_row_coeff(const MeanflowTimes& t, int64_t b, acc_t& a) {
+  const double s = t.s[b], r = t.r[b];
+  if (s == r) {
+    a = acc_t(0);
+    return false;
+  }
+  const double step = t.s_plus[b] - t.s_minus[b];
+  a = static_cast<acc_t>(step != 0.0 ? (s - r) / step : __longlong_as_double(0x7ff8000000000000LL));
+  return true;
+}
 
 constexpr int kThreads = 256;  // every kernel here is launched with exactly this many threads
 constexpr int kWarps = kThreads / 32;
@@ -72,15 +100,17 @@ __device__ __forceinline__ acc_t thread_delta_sq(const MeanflowFdLossParams<scal
 // over vectors [k*kChunkVecs, (k+1)*kChunkVecs) of sample b.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    meanflow_fd_loss_partial_kernel(MeanflowFdLossParams<scalar_t, acc_t> p, int64_t nchunks, acc_t* partials) {
+    meanflow_fd_loss_partial_kernel(MeanflowFdLossParams<scalar_t, acc_t> p, MeanflowTimes times, int64_t nchunks,
+                                    acc_t* partials) {
   const int64_t item = blockIdx.x;
   const int64_t b = item / nchunks;
   const int64_t per_vec = p.per_sample / VEC;
   const int64_t v0 = b * per_vec + (item % nchunks) * kChunkVecs;
   const int64_t end = (b + 1) * per_vec;
   const int64_t v1 = v0 + kChunkVecs < end ? v0 + kChunkVecs : end;
-  const acc_t a = p.a[b];
-  const acc_t part = p.fd[b] ? thread_delta_sq<true, VEC>(p, v0, v1, a) : thread_delta_sq<false, VEC>(p, v0, v1, a);
+  acc_t a;
+  const bool fd = meanflow_row_coeff(times, b, a);
+  const acc_t part = fd ? thread_delta_sq<true, VEC>(p, v0, v1, a) : thread_delta_sq<false, VEC>(p, v0, v1, a);
   const acc_t total = block_sum(part);
   if (threadIdx.x == 0) partials[item] = total;
 }
@@ -102,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    meanflow_fd_loss_backward_kernel(MeanflowFdLossBackwardParams<scalar_t, acc_t> p) {
+    meanflow_fd_loss_backward_kernel(MeanflowFdLossBackwardParams<scalar_t, acc_t> p, MeanflowTimes times) {
   using V = AlignedVec<scalar_t, VEC>;
   const int64_t per_vec = p.per_sample / VEC;
   const int64_t n_vec = p.batch * per_vec;
@@ -110,11 +140,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n_vec; j += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = j / per_vec;  // VEC divides per_sample: one sample per vector
     const acc_t scale = meanflow_fd_grad_scale(p.grad_loss[b], p.grad_mse[b], p.mse[b], d, p.c);
-    const acc_t a = p.a[b];
+    acc_t a;
+    const bool fd = meanflow_row_coeff(times, b, a);
     const V u = reinterpret_cast<const V*>(p.u)[j];
     const V v = reinterpret_cast<const V*>(p.v)[j];
     V g;
-    if (p.fd[b]) {
+    if (fd) {
       const V up = reinterpret_cast<const V*>(p.u_plus)[j];
       const V um = reinterpret_cast<const V*>(p.u_minus)[j];
 #pragma unroll
@@ -144,14 +175,16 @@ bool vectorizable(int64_t per_sample, int vec, std::initializer_list<const void*
 }
 
 template <int VEC, typename scalar_t, typename acc_t>
-void launch_forward(const MeanflowFdLossParams<scalar_t, acc_t>& p, const at::Tensor& loss, cudaStream_t stream) {
+void launch_forward(const MeanflowFdLossParams<scalar_t, acc_t>& p, const MeanflowTimes& times,
+                    const at::Tensor& loss, cudaStream_t stream) {
   const int64_t per_vec = p.per_sample / VEC;
   const int64_t nchunks = (per_vec + kChunkVecs - 1) / kChunkVecs;
   TORCH_CHECK(p.batch * nchunks <= INT_MAX && p.batch <= INT_MAX, "meanflow_fd_loss: u is too large (", p.batch,
               " samples of ", p.per_sample, " elements)");
   at::Tensor partials = at::empty({p.batch * nchunks}, loss.options());
   meanflow_fd_loss_partial_kernel<scalar_t, acc_t, VEC>
-      <<<static_cast<unsigned>(p.batch * nchunks), kThreads, 0, stream>>>(p, nchunks, partials.data_ptr<acc_t>());
+      <<<static_cast<unsigned>(p.batch * nchunks), kThreads, 0, stream>>>(p, times, nchunks,
+                                                                          partials.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   meanflow_fd_loss_finalize_kernel<scalar_t, acc_t>
       <<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(p, nchunks, partials.data_ptr<acc_t>());
@@ -165,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> meanflow_fd_loss_cuda(const at::Tensor& u, co
                                                          double c) {
   meanflow_fd_loss_check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c);
   const c10::cuda::CUDAGuard guard(u.device());
-  const MeanflowFdCoeffs co = meanflow_fd_coeffs(s, r, s_plus, s_minus, u.scalar_type());
+  const MeanflowTimes times = meanflow_times(s, r, s_plus, s_minus);
   const at::Tensor uc = u.contiguous(), upc = u_plus.contiguous(), umc = u_minus.contiguous(), vc = v.contiguous();
   const int64_t batch = u.size(0), per = u.numel() / batch;
   const auto opts = u.options().dtype(opmath_dtype(u.scalar_type()));
@@ -175,13 +208,13 @@ std::tuple<at::Tensor, at::Tensor> meanflow_fd_loss_cuda(const at::Tensor& u, co
     using acc_t = at::opmath_type<scalar_t>;
     const MeanflowFdLossParams<scalar_t, acc_t> p{
         uc.data_ptr<scalar_t>(), upc.data_ptr<scalar_t>(), umc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-        co.a.data_ptr<acc_t>(), co.fd.data_ptr<bool>(), loss.data_ptr<acc_t>(), mse.data_ptr<acc_t>(),
+        nullptr, nullptr, loss.data_ptr<acc_t>(), mse.data_ptr<acc_t>(),
         batch, per, static_cast<acc_t>(c)};
     constexpr int VEC = vec_width<scalar_t>();
     if (vectorizable(per, VEC, {p.u, p.u_plus, p.u_minus, p.v})) {
-      launch_forward<VEC>(p, loss, stream);
+      launch_forward<VEC>(p, times, loss, stream);
     } else {
-      launch_forward<1>(p, loss, stream);
+      launch_forward<1>(p, times, loss, stream);
     }
   });
   return {loss, mse};
@@ -195,7 +228,7 @@ at::Tensor meanflow_fd_loss_backward_cuda(const at::Tensor& grad_loss, const at:
   meanflow_fd_loss_check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c);
   meanflow_fd_loss_backward_check(grad_loss, grad_mse, mse, u);
   const c10::cuda::CUDAGuard guard(u.device());
-  const MeanflowFdCoeffs co = meanflow_fd_coeffs(s, r, s_plus, s_minus, u.scalar_type());
+  const MeanflowTimes times = meanflow_times(s, r, s_plus, s_minus);
   const at::ScalarType acc = opmath_dtype(u.scalar_type());
   const at::Tensor gl = grad_loss.to(acc).contiguous(), gm = grad_mse.to(acc).contiguous();
   const at::Tensor msec = mse.to(acc).contiguous();
@@ -207,15 +240,15 @@ at::Tensor meanflow_fd_loss_backward_cuda(const at::Tensor& grad_loss, const at:
     using acc_t = at::opmath_type<scalar_t>;
     const MeanflowFdLossBackwardParams<scalar_t, acc_t> p{
         gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), msec.data_ptr<acc_t>(), uc.data_ptr<scalar_t>(),
-        upc.data_ptr<scalar_t>(), umc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), co.a.data_ptr<acc_t>(),
-        co.fd.data_ptr<bool>(), grad_u.data_ptr<scalar_t>(), batch, per, static_cast<acc_t>(c)};
+        upc.data_ptr<scalar_t>(), umc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), nullptr,
+        nullptr, grad_u.data_ptr<scalar_t>(), batch, per, static_cast<acc_t>(c)};
     constexpr int VEC = vec_width<scalar_t>();
     if (vectorizable(per, VEC, {p.u, p.u_plus, p.u_minus, p.v, p.grad_u})) {
       meanflow_fd_loss_backward_kernel<scalar_t, acc_t, VEC>
-          <<<grid_for(batch * per / VEC, kThreads), kThreads, 0, stream>>>(p);
+          <<<grid_for(batch * per / VEC, kThreads), kThreads, 0, stream>>>(p, times);
     } else {
       meanflow_fd_loss_backward_kernel<scalar_t, acc_t, 1>
-          <<<grid_for(batch * per, kThreads), kThreads, 0, stream>>>(p);
+          <<<grid_for(batch * per, kThreads), kThreads, 0, stream>>>(p, times);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -499,6 +499,48 @@ def test_cuda_static_uncapturable_head_falls_back(gen):
         got = flow(y1, (a,))
     assert any("CUDA graph" in str(w.message) for w in caught)
     assert not flow.loop.uses_graph
+    assert flow.fallbacks == 1 and flow.fallback_reason
     torch.testing.assert_close(got, reference.inner_flow(lambda y, s, r: head(y, s, r, a), y1, grid))
     with pytest.raises(RuntimeError, match="capturable"):
         tmd_ext.StaticFlowHeadLoop(head, grid, use_graph=True)(y1, (a,))
+
+
+def test_static_head_runs_without_autocast_cache(gen):
+    """Under autocast the head runs with the autocast weight cache off (a captured graph must not
+    read casts the cache frees), and outside autocast it is not put under one."""
+    seen = []
+
+    def head(y, s, r, a):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+        return y * 0.5 + a
+
+    grid = make_grid(2)
+    y1, a = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    flow = tmd_ext.StaticFlowHeadLoop(head, grid)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flow(y1, (a,))
+    assert seen and all(enabled and not cache for enabled, cache in seen)
+    seen.clear()
+    flow(y1, (a,))
+    assert seen and not any(enabled for enabled, _ in seen)
+    assert flow.fallbacks == 0 and flow.fallback_reason is None
+
+
+@pytest.mark.cuda
+def test_cuda_static_error_during_capture_falls_back(gen):
+    """A C++ error raised only while the head is being captured (whatever its message) falls back
+    to the eager loop, counted and warned; the result is the eager one."""
+    def head(y, s, r, a):
+        if torch.cuda.is_current_stream_capturing():
+            torch.empty(2, device="cuda").view(3)  # a c10 error from a shape check, during capture only
+        return torch.tanh(y) + a * (s - r)[:, None]
+
+    grid = make_grid(2, device="cuda")
+    y1, a = torch.randn(2, 3, device="cuda"), torch.randn(2, 3, device="cuda")
+    flow = tmd_ext.StaticFlowHeadLoop(head, grid)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = flow(y1, (a,))
+    assert flow.fallbacks == 1 and not flow.loop.uses_graph
+    assert any("eagerly" in str(w.message) for w in caught)
+    torch.testing.assert_close(got, reference.inner_flow(lambda y, s, r: head(y, s, r, a), y1, grid))

@@ -25,11 +25,13 @@ class GatedFusion(nn.Module):
     ordinary init; the zero-initialised Linear after it already makes the layer start inert).
     At init ``g = 0``, so ``h = m`` exactly and the head reproduces the teacher's last blocks.
 
-    ``LN(e)·(1+scale)+shift`` runs as ``tmd_ext.adaln_modulate`` and the interpolation as
-    ``tmd_ext.gated_fusion``. The last MLP Linear is not folded into ``tmd_ext.gated_fusion_linear``:
-    that op computes ``m + λ(x·Wᵀ + b - m)``, and the residual ``e`` inside ``z`` has no exact
-    place in it (folding it would need ``[W, I]`` against ``[a, e]``, an extra D×D GEMM that is
-    not exact under TF32).
+    ``LN(e)·(1+scale)+shift`` runs as ``tmd_ext.adaln_modulate``; the last MLP Linear, the residual
+    ``e`` and the interpolation run as one ``tmd_ext.gated_fusion_linear(m, a, W₂, b₂, g, α,
+    residual=e)`` (``a`` the GELU output): on sm_90a one GEMM whose epilogue adds ``b₂ + e`` and
+    applies the fusion, so ``z`` never goes to memory (docs/design.md §3.2). Under an autocast to a
+    narrower dtype than ``m`` (fp32 weights with bf16 autocast) that op would have to round ``m``
+    and lose ``h = m`` at init, so there the Linear runs under autocast and the interpolation as
+    ``tmd_ext.gated_fusion`` in the dtype of ``m``.
 
     Args:
         dim: hidden size D of the transformer.
@@ -57,8 +59,22 @@ class GatedFusion(nn.Module):
     def forward(self, m: torch.Tensor, e: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """``m, e [B, N, D]``, ``s [B]`` -> ``h [B, N, D]`` (dtype of ``m``)."""
         shift, scale, gate = self.modulation(self.act(self.time_embed(s))).to(e.dtype).chunk(3, dim=-1)
-        z = e + self.mlp(tmd_ext.adaln_modulate(e, shift, scale, self.eps))
-        return tmd_ext.gated_fusion(m, z.to(m.dtype), gate.to(m.dtype), self.alpha.to(m.dtype))
+        fc1, act, fc2 = self.mlp
+        a = act(fc1(tmd_ext.adaln_modulate(e, shift, scale, self.eps)))
+        dt = m.dtype
+        if not self._fused_last_linear(m):
+            z = e + fc2(a)
+            return tmd_ext.gated_fusion(m, z.to(dt), gate.to(dt), self.alpha.to(dt))
+        bias = fc2.bias.to(dt) if fc2.bias is not None else None
+        return tmd_ext.gated_fusion_linear(m, a.to(dt), fc2.weight.to(dt), bias, gate.to(dt), self.alpha.to(dt),
+                                           residual=e.to(dt))
+
+    @staticmethod
+    def _fused_last_linear(m: torch.Tensor) -> bool:
+        """Whether the last Linear runs inside ``gated_fusion_linear``: always, except under an
+        autocast whose dtype differs from that of ``m``."""
+        dev = m.device.type
+        return not torch.is_autocast_enabled(dev) or torch.get_autocast_dtype(dev) == m.dtype
 
 
 class ConcatFusion(nn.Module):
