@@ -6,6 +6,9 @@ import json
 import pytest
 import torch
 
+from tmd_train.errors import MissingFileError
+from tmd_train.models.teacher import load_teacher
+from tmd_train.toy import TOY_TEACHER_DIR, toy_teacher_available
 from tmd_train.toy import clips as world
 from tmd_train.toy import evaluator as ev
 from tmd_train.toy import tinybench as tb
@@ -170,3 +173,78 @@ def test_cli_clips_folder_and_sampler(tmp_path, real):
     assert from_ds["n"] == 24 and from_ds["semantic_accuracy"] >= 0.9
     with pytest.raises(FileNotFoundError, match="clips.safetensors"):
         tb.load_clips(tmp_path)
+
+
+def test_log_score_anchors():
+    assert tb.log_score(0.1, (1.5, 80.0)) == 100.0 and tb.log_score(1e3, (1.5, 80.0)) == 0.0
+    assert tb.log_score(40.0, (1.5, 80.0)) - tb.log_score(80.0, (1.5, 80.0)) == pytest.approx(
+        tb.log_score(5.0, (1.5, 80.0)) - tb.log_score(10.0, (1.5, 80.0)))  # halving the distance: same gain
+    # the shipped teacher's FD to real clips (~29 at the defaults) is not floored
+    assert 15 < tb.log_score(29.0, tb.FD_ANCHORS) < 40
+
+
+needs_toy = pytest.mark.skipif(not toy_teacher_available(), reason="the toy teacher is not shipped in this checkout")
+
+
+@needs_toy
+def test_teacher_fidelity_separates_the_teacher_from_degraded_generators(tmp_path, monkeypatch, gen):
+    """The teacher against itself (other noise) is near the best fidelity; the teacher at 1 step and noise are
+    clearly worse. The reference clips are cached per (weights, prompts, settings) and not sampled twice."""
+    teacher = load_teacher(TOY_TEACHER_DIR).eval()
+    prompts = world.sample_prompts(32, 11)
+    ref = tb.teacher_reference(teacher, prompts, steps=2, cache_dir=tmp_path)
+    assert ref.shape == (32, 3, 8, 32, 32) and len(list(tmp_path.glob("teacher_ref_*.safetensors"))) == 1
+    itself = tb.teacher_reference(teacher, prompts, steps=2, seed=1, cache=False)
+    one_step = tb.teacher_reference(teacher, prompts, steps=1, seed=1, cache=False)
+    noise = torch.randn(32, 3, 8, 32, 32, generator=gen)
+    s_self, s_one, s_noise = (tb.tinybench(c, prompts, n_ref=64, teacher_clips=ref) for c in (itself, one_step, noise))
+    assert s_self["teacher_fd_score"] > 70 and s_self["teacher_fd"] < 0.5 * s_one["teacher_fd"], (s_self, s_one)
+    assert s_noise["teacher_fd_score"] < 30 and s_noise["teacher_agreement"] < s_self["teacher_agreement"] - 0.2
+    assert s_self["fidelity"] > s_one["fidelity"] + 10 and s_one["fidelity"] > s_noise["fidelity"] + 10
+    assert s_self["fidelity"] == pytest.approx((s_self["teacher_fd_score"] + 100 * s_self["teacher_agreement"]) / 2)
+    assert s_self["teacher_agreement"] == pytest.approx(
+        sum(s_self[f"{a}_agreement"] for a in world.ATTRIBUTE_NAMES) / 3)
+    without = tb.tinybench(itself, prompts, n_ref=64)
+    assert "fidelity" not in without and without["total"] == s_self["total"]  # real-clip scores unchanged
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the cached reference was sampled again")
+
+    monkeypatch.setattr(tb, "sample_teacher", no_sampling)
+    assert torch.equal(tb.teacher_reference(TOY_TEACHER_DIR, prompts, steps=2, cache_dir=tmp_path), ref)
+    with pytest.raises(AssertionError, match="sampled again"):  # other settings: another key
+        tb.teacher_reference(teacher, prompts, steps=2, cfg=3.0, cache_dir=tmp_path)
+    next(tmp_path.glob("teacher_ref_*.safetensors")).write_bytes(b"broken")
+    with pytest.raises(AssertionError, match="sampled again"):  # an unreadable cache file is resampled
+        tb.teacher_reference(teacher, prompts, steps=2, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="teacher_clips"):
+        tb.tinybench(itself, prompts, teacher_clips=ref[:4])
+    monkeypatch.undo()
+    # the CLI: --teacher shipped adds the fidelity scores, computed against the (cached) reference
+    tb.save_clips(tmp_path / "gen", itself[:8], prompts[:8])
+    cli = tb.main(["--clips", str(tmp_path / "gen"), "--n-ref", "16", "--teacher", "shipped", "--teacher-steps", "1",
+                   "--cache-dir", str(tmp_path / "cache")])
+    ref8 = tb.teacher_reference(teacher, prompts[:8], steps=1, cache_dir=tmp_path / "cache")
+    assert cli == tb.tinybench(itself[:8], prompts[:8], n_ref=16, teacher_clips=ref8)
+    with pytest.raises(MissingFileError, match="--teacher"):
+        tb.main(["--clips", str(tmp_path / "gen"), "--teacher", str(tmp_path)])
+
+
+def test_aggregate_runs_skips_unfinished(tmp_path, capsys):
+    for cell, totals in (("tmd_m1", (10.0, 14.0, 12.0)), ("dmd2v_m1", (11.0,))):
+        for seed, total in enumerate(totals):
+            run = tmp_path / cell / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "tinybench.json").write_text(json.dumps({"total": total, "semantic": 2 * total, "n": 8}))
+    (tmp_path / "tmd_m1" / "seed9").mkdir()  # still running: no scores yet
+    (tmp_path / "dmd2v_m1" / "seed1").mkdir()
+    (tmp_path / "dmd2v_m1" / "seed1" / "tinybench.json").write_text('{"total": 1')  # cut short
+    cells, skipped = tb.collect(tmp_path)
+    assert sorted(cells) == ["dmd2v_m1", "tmd_m1"] and len(cells["tmd_m1"]) == 3
+    assert skipped == [str(tmp_path / "dmd2v_m1" / "seed1" / "tinybench.json")]
+    stats = tb.aggregate(cells)
+    assert stats["tmd_m1"]["total"] == pytest.approx((12.0, 2.0, 3)) and stats["dmd2v_m1"]["total"] == (11.0, 0.0, 1)
+    out = tb.main(["--aggregate", str(tmp_path)])
+    assert out["tmd_m1"]["semantic"] == pytest.approx([24.0, 4.0, 3])
+    printed = capsys.readouterr()
+    assert "| tmd_m1 | 3 | 24 ± 4 |" in printed.out and "cut short" not in printed.out and "seed1" in printed.err

@@ -106,3 +106,37 @@ def test_shipped_teacher_follows_prompts():
     assert out.nfe == 32
     scores = tinybench(out.x0.clamp(-1, 1), prompts, n_ref=24)
     assert scores["semantic"] > 50, scores  # chance: 27.8
+
+
+def test_constant_schedule_extends_on_resume_and_refuses_other_recipes(tmp_path):
+    """A constant-lr run stopped (--stop-after, then --time-limit) and resumed with another --steps equals one
+    planned that long; the checkpoint keeps EMA snapshots and refuses a resume with another recipe;
+    --init-from starts from a model folder; --export publishes the checkpoint's EMA."""
+    args = ["--batch-size", "2", "--warmup", "1", "--schedule", "constant", "--checkpoint-every", "100",
+            "--log-every", "1", "--init-from", str(TOY_TEACHER_DIR), "--lr", "1e-4"]
+    assert T.main([*args, "--out", str(tmp_path / "a"), "--steps", "4"]) == 0
+    b = str(tmp_path / "b")
+    assert T.main([*args, "--out", b, "--steps", "10", "--stop-after", "2"]) == 0
+    with pytest.raises(UserError, match="lr=0.0001"):
+        T.main([*args[:-1], "2e-4", "--out", b, "--steps", "4", "--resume"])
+    assert T.main([*args, "--out", b, "--steps", "4", "--resume", "--time-limit", "0", "--snapshot-every", "5"]) == 0
+    assert not (tmp_path / "b" / "config.json").exists()  # stopped after its first step (step 3)
+    snap = tmp_path / "b.ckpt" / "snapshots" / "step_000003"
+    assert (snap / "config.json").is_file()  # the EMA at the stop, loadable as a model folder
+    assert T.main([*args, "--out", b, "--steps", "4", "--resume"]) == 0
+    a, bw = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], bw[k]), k
+    record = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert record["planned_steps"] == [10, 4] and len(record["commands"]) == 3 and record["schedule"] == "constant"
+    assert record["init_sha256"] == json.loads((tmp_path / "a" / "training.json").read_text())["init_sha256"]
+    # --export writes the EMA of the latest checkpoint (step 3) to a model folder; the shipped one needs a flag
+    with pytest.raises(UserError, match="--replace-shipped"):
+        T.main(["--out", b, "--export", str(TOY_TEACHER_DIR)])
+    assert T.main(["--out", b, "--export", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "training.json").read_text())["steps"] == 3
+    c, at3 = _weights(tmp_path / "c"), load_file(str(snap / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(c[k], at3[k]) for k in c) and any(not torch.equal(c[k], a[k]) for k in c)
+    shipped = _weights(TOY_TEACHER_DIR)
+    assert max((a[k] - shipped[k]).abs().max().item() for k in a) < 0.01  # continued, not re-initialised
+    assert any(not torch.equal(a[k], shipped[k]) for k in a)

@@ -320,7 +320,8 @@ def comparison(rows: Sequence[Row]) -> str:
 
 CAVEATS = """Why the toy numbers say little about the paper's claim: the toy teacher (1.6 M parameters, 48 k
 training clips, CPU) is far from its world — its FD to real clips is tens of units, where real clips score
-~1 — so the quality scores are near the floor for every method; the distillation runs get 30 generator
+~1, and it follows the prompt's colour but not its shape — so every method sits low on the quality scale,
+bounded by the teacher; the distillation runs get 30 generator
 updates each (the paper: thousands); and TMD's flow head is a single block of a 6-block model. The demo
 shows the whole pipeline working end to end and puts every method on the same axis, not a benchmark."""
 

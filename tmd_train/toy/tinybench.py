@@ -12,16 +12,34 @@ world under its own prompt distribution.
   ``semantic_accuracy`` = mean over the three attributes and the clips; ``semantic = 100·accuracy``.
 * **fd_score** — Fréchet distance between Gaussians fitted to evaluator features of the generated and
   the reference clips, both divided per dimension by the reference's standard deviation (so FD is in
-  units of the real spread); ``fd_score = 100·exp(-FD / KAPPA_FD)``.
+  units of the real spread); ``fd_score = log_score(FD, FD_ANCHORS)``.
 * **temporal_score** — per clip, ``[log mean|x_{f+1} - x_f|, log mean|x_{f+1} - 2x_f + x_{f-1}|]``
   (frame change and its change: motion amount and flicker/jerkiness); the Fréchet distance of these
   2-D statistics between generated and reference clips, normalised the same way;
-  ``temporal_score = 100·exp(-FD_t / KAPPA_TEMPORAL)``.
+  ``temporal_score = log_score(FD_t, TEMPORAL_ANCHORS)``.
 * **quality** = ``(fd_score + temporal_score) / 2``;
   **total** = ``(4·quality + 1·semantic) / 5`` — VBench's 4:1 weighting of quality and semantic.
 
-All scores lie in [0, 100]. The κ's were set once from the shipped evaluator (see
-``tmd_train/toy/assets/README.md``): real clips score near 100, pure noise near 0.
+``log_score(d, (best, worst)) = 100·clamp(log(worst/d) / log(worst/best), 0, 1)``: linear in log distance
+between two anchors measured with the shipped evaluator at the defaults (n = 256, n_ref = 512; see
+``tmd_train/toy/assets/README.md``), so real clips score 100, pure noise ~0, and every halving of the
+distance in between gains the same number of points (an exponential scale floors every weak generator).
+
+**Teacher fidelity** (``teacher_clips=``, a distillation is judged against what its teacher produces): the
+teacher's clips for the same prompts from independent noise (:func:`teacher_reference`: 50 steps × CFG,
+cached on disk per teacher weights, prompts and settings) give
+
+* ``teacher_fd`` — the Fréchet distance of evaluator features between the clips and the teacher's (same
+  units as ``fd``), ``teacher_fd_score = log_score(teacher_fd, FD_ANCHORS)``;
+* ``teacher_agreement`` — the fraction of (clip, attribute) pairs on which the evaluator reads the same
+  value in the clip and in the teacher's clip of the same prompt (per attribute: ``<attribute>_agreement``).
+  Two independent samples of a teacher agree only as often as the teacher is consistent, so the teacher
+  against itself is the ceiling, not 1;
+* ``fidelity = (teacher_fd_score + 100·teacher_agreement) / 2``.
+
+Results of many runs (seeds × methods) aggregate with :func:`aggregate` (``--aggregate ROOT``): every
+``ROOT/<cell>/<run>/tinybench.json`` that exists and parses is one sample of ``<cell>``; missing or partial
+runs are skipped and listed, so a table can be regenerated from whatever has finished.
 
 CLI::
 
@@ -29,32 +47,50 @@ CLI::
     python -m tmd_train.toy.tinybench --dataset DIR  # a toy-world dataset folder (its latents are clips)
     python -m tmd_train.toy.tinybench --sampler pkg.mod:fn --n 256   # fn(prompts, generator) -> clips [N,3,8,32,32]
     python -m tmd_train.toy.tinybench --sampler tmd_train.toy.tinybench:world_sampler --n 256   # real clips
+    python -m tmd_train.toy.tinybench --clips DIR --teacher shipped   # + teacher fidelity (reference cached)
+    python -m tmd_train.toy.tinybench --aggregate ROOT   # mean ± std per ROOT/<cell>/ over its runs
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
 import os
+import statistics
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..data.format import DatasetFormatError, LatentDataset
 from ..errors import ArgumentParser, DataError, MissingFileError, OutputError, UserError, run_main
+from ..models.teacher import load_teacher
+from ..sampling import sample_teacher
+from . import TOY_TEACHER_DIR, text_encoder
 from .clips import ATTRIBUTE_NAMES, WorldConfig, parse_prompt, render_prompts, sample_prompts
 from .evaluator import ClipEvaluator, default_evaluator, load_evaluator
 
-KAPPA_FD = 10.0
-KAPPA_TEMPORAL = 10.0
+#: Log-scale anchors ``(best, worst)`` of the Fréchet distances (see :func:`log_score`), measured once at the
+#: defaults (n = 256, n_ref = 512) with the shipped evaluator: real clips give FD ≈ 0.4 and temporal FD ≈ 0.01,
+#: pure noise FD ≈ 80 and temporal FD ≈ 260. Between the anchors the score is linear in log FD, so a halved
+#: distance always gains the same number of points and a weak generator is not floored at 0.
+FD_ANCHORS = (1.5, 80.0)
+TEMPORAL_ANCHORS = (0.1, 200.0)
 QUALITY_WEIGHT = 4.0
 SEMANTIC_WEIGHT = 1.0
 REF_SEED = 20260125
+#: The teacher's reference clips for teacher fidelity: its 50 Euler steps × CFG 5 (100 NFE, shift 5), from
+#: noise of this seed — independent of the noise of the generator under test.
+TEACHER_REF_SEED = 20260301
+TEACHER_REF_STEPS = 50
+TEACHER_REF_CFG = 5.0
+TEACHER_REF_SHIFT = 5.0
 DEFAULT_N_REF = 512
 CLIP_SHAPE = (3, 8, 32, 32)
 _EPS = 1e-4
@@ -75,6 +111,17 @@ def _check_clips(clips: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     if not torch.isfinite(clips).all():
         raise ValueError("tinybench: clips contain non-finite values")
     return clips.clamp(-1.0, 1.0)
+
+
+def log_score(distance: float, anchors: tuple[float, float]) -> float:
+    """``100·clamp(log(worst/d) / log(worst/best), 0, 1)`` for ``anchors = (best, worst)``: 100 at or below
+    ``best``, 0 at or beyond ``worst``, linear in ``log d`` in between."""
+    best, worst = anchors
+    if distance <= best:
+        return 100.0
+    if distance >= worst:
+        return 0.0
+    return 100.0 * math.log(worst / distance) / math.log(worst / best)
 
 
 def temporal_stats(clips: torch.Tensor) -> torch.Tensor:
@@ -141,25 +188,44 @@ def semantic_accuracy(predicted: torch.Tensor, prompts: Sequence[str]) -> dict[s
     return acc
 
 
+def attribute_agreement(predicted: torch.Tensor, teacher_predicted: torch.Tensor) -> dict[str, float]:
+    """Per-attribute fraction of clips whose evaluator predictions ``[N, 3]`` equal the teacher clips'
+    ``[N, 3]`` (row ``i`` of both: the same prompt), and their mean (``"mean"``)."""
+    same = predicted == teacher_predicted
+    out = {name: float(same[:, a].float().mean()) for a, name in enumerate(ATTRIBUTE_NAMES)}
+    out["mean"] = float(same.float().mean())
+    return out
+
+
 @torch.no_grad()
 def tinybench(clips: torch.Tensor, prompts: Sequence[str], *, n_ref: int = DEFAULT_N_REF,
-              ref_seed: int = REF_SEED, evaluator: ClipEvaluator | None = None) -> dict[str, float]:
+              ref_seed: int = REF_SEED, evaluator: ClipEvaluator | None = None,
+              teacher_clips: torch.Tensor | None = None) -> dict[str, float]:
     """TinyBench scores of ``clips [N, 3, 8, 32, 32]`` (in [-1, 1]) generated for ``prompts`` (see the module doc).
 
     Returns a dict with ``n``, ``semantic``, ``semantic_accuracy``, ``shape_accuracy``, ``colour_accuracy``,
-    ``direction_accuracy``, ``fd``, ``fd_score``, ``temporal_fd``, ``temporal_score``, ``quality``, ``total``.
+    ``direction_accuracy``, ``fd``, ``fd_score``, ``temporal_fd``, ``temporal_score``, ``quality``, ``total``;
+    with ``teacher_clips`` (``[N, 3, 8, 32, 32]``, the teacher's clips for the same prompts, e.g. from
+    :func:`teacher_reference`) also ``teacher_fd``, ``teacher_fd_score``, ``teacher_agreement``,
+    ``<attribute>_agreement`` and ``fidelity``.
     """
     clips = _check_clips(clips, prompts)
     prompts = list(prompts)
+    if teacher_clips is not None:
+        try:
+            teacher_clips = _check_clips(teacher_clips, prompts)
+        except ValueError as e:
+            raise ValueError(f"tinybench: teacher_clips: {e}") from e
     evaluator = evaluator or default_evaluator()
     pred, feats = evaluator.predict(clips)
     acc = semantic_accuracy(pred, prompts)
     ref_feats, ref_temporal = reference_stats(prompts, n_ref, ref_seed, evaluator)
-    fd = frechet_distance(feats, ref_feats, ref_feats.std(0) + 1e-6)
+    scale = ref_feats.std(0) + 1e-6
+    fd = frechet_distance(feats, ref_feats, scale)
     tstats = temporal_stats(clips)
     temporal_fd = frechet_distance(tstats, ref_temporal, ref_temporal.std(0) + 1e-6)
-    fd_score = 100.0 * math.exp(-fd / KAPPA_FD)
-    temporal_score = 100.0 * math.exp(-temporal_fd / KAPPA_TEMPORAL)
+    fd_score = log_score(fd, FD_ANCHORS)
+    temporal_score = log_score(temporal_fd, TEMPORAL_ANCHORS)
     quality = (fd_score + temporal_score) / 2
     semantic = 100.0 * acc["mean"]
     total = (QUALITY_WEIGHT * quality + SEMANTIC_WEIGHT * semantic) / (QUALITY_WEIGHT + SEMANTIC_WEIGHT)
@@ -167,7 +233,138 @@ def tinybench(clips: torch.Tensor, prompts: Sequence[str], *, n_ref: int = DEFAU
     out |= {f"{name}_accuracy": acc[name] for name in ATTRIBUTE_NAMES}
     out |= {"fd": fd, "fd_score": fd_score, "temporal_fd": temporal_fd, "temporal_score": temporal_score,
             "quality": quality, "total": total}
+    if teacher_clips is not None:
+        teacher_pred, teacher_feats = evaluator.predict(teacher_clips)
+        teacher_fd = frechet_distance(feats, teacher_feats, scale)
+        agree = attribute_agreement(pred, teacher_pred)
+        teacher_fd_score = log_score(teacher_fd, FD_ANCHORS)
+        out |= {"teacher_fd": teacher_fd, "teacher_fd_score": teacher_fd_score, "teacher_agreement": agree["mean"]}
+        out |= {f"{name}_agreement": agree[name] for name in ATTRIBUTE_NAMES}
+        out["fidelity"] = (teacher_fd_score + 100.0 * agree["mean"]) / 2
     return out
+
+
+# ----------------------------------------------------------------- teacher reference clips
+def default_cache_dir() -> Path:
+    """Where :func:`teacher_reference` keeps its clips: ``$TMD_TINYBENCH_CACHE`` or ``~/.cache/tmd_train/tinybench``."""
+    env = os.environ.get("TMD_TINYBENCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "tmd_train" / "tinybench"
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, in key order."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def teacher_reference(teacher: str | os.PathLike | torch.nn.Module, prompts: Sequence[str], *,
+                      steps: int = TEACHER_REF_STEPS, cfg: float = TEACHER_REF_CFG, shift: float = TEACHER_REF_SHIFT,
+                      seed: int = TEACHER_REF_SEED, batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
+                      cache: bool = True) -> torch.Tensor:
+    """The teacher's clips ``[N, 3, 8, 32, 32]`` (clamped to [-1, 1], float32, CPU) for ``prompts``: Euler
+    ``steps`` × CFG ``cfg`` from noise ``randn([N, 3, 8, 32, 32])`` of a generator seeded with ``seed``.
+
+    ``teacher``: a toy-teacher folder or a loaded ``WanTransformer3DModel``. With ``cache`` the clips are
+    kept in ``cache_dir`` (default :func:`default_cache_dir`) under a key of (weights hash, prompts,
+    settings) and read back instead of sampled again; a cached file whose recorded key differs is resampled.
+    """
+    prompts = list(prompts)
+    if isinstance(prompts, str) or len(prompts) < 1:
+        raise ValueError("teacher_reference: need a non-empty sequence of prompts")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"teacher_reference: steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    for p in prompts:
+        parse_prompt(p)
+    model = load_teacher(teacher).eval() if isinstance(teacher, (str, os.PathLike)) else teacher
+    key = json.dumps({"teacher": model_hash(model), "n": len(prompts),
+                      "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "steps": steps,
+                      "cfg": float(cfg), "shift": float(shift), "seed": seed, "shape": list(CLIP_SHAPE)},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    path = Path(cache_dir or default_cache_dir()) / f"teacher_ref_{digest}.safetensors"
+    if cache and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    return f.get_tensor("clips")
+        except (SafetensorError, OSError):
+            pass  # unreadable: resample and rewrite
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    noise = torch.randn((len(prompts), *CLIP_SHAPE), generator=torch.Generator().manual_seed(seed))
+    text, _ = text_encoder.encode(prompts)
+    negative = text_encoder.encode_negative()[0].unsqueeze(0).to(device, dtype)
+    chunks = []
+    for s in tqdm(range(0, len(prompts), batch_size), desc="teacher reference", leave=False,
+                  disable=len(prompts) <= batch_size):
+        out = sample_teacher(model, text[s:s + batch_size].to(device, dtype), negative_text=negative,
+                             noise=noise[s:s + batch_size].to(device, dtype), steps=steps, cfg=cfg, shift=shift)
+        chunks.append(out.x0.to("cpu", torch.float32).clamp(-1.0, 1.0))
+    clips = torch.cat(chunks)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({"clips": clips.contiguous()}, str(tmp), metadata={"key": key})
+        os.replace(tmp, path)
+    return clips
+
+
+# ----------------------------------------------------------------- aggregation of runs
+def collect(root: str | os.PathLike, filename: str = "tinybench.json") -> tuple[dict[str, list[dict]], list[str]]:
+    """The scores under ``root``: ``({cell: [scores of each finished run]}, [skipped files])`` for every
+    ``root/<cell>/<run>/<filename>`` (cells and runs in name order); a file that does not parse as a JSON
+    object of scores is skipped and listed, a run without the file is simply not there yet."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingFileError(f"--aggregate {root}: not a folder")
+    cells: dict[str, list[dict]] = {}
+    skipped = []
+    for path in sorted(root.glob(f"*/*/{filename}")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            skipped.append(str(path))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("total"), (int, float)):
+            skipped.append(str(path))
+            continue
+        cells.setdefault(path.parent.parent.name, []).append(record)
+    return cells, skipped
+
+
+def aggregate(cells: Mapping[str, Sequence[Mapping[str, float]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{cell: {metric: (mean, sample standard deviation (0 for one run), runs)}}`` of every numeric metric
+    that all runs of the cell report."""
+    out = {}
+    for cell, runs in cells.items():
+        if not runs:
+            continue
+        keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and all(isinstance(r.get(k), (int, float)) for r in runs)]
+        out[cell] = {k: (statistics.fmean(float(r[k]) for r in runs),
+                         statistics.stdev(float(r[k]) for r in runs) if len(runs) > 1 else 0.0, len(runs))
+                     for k in keys}
+    return out
+
+
+AGGREGATE_COLUMNS = ("semantic", "fd", "temporal_fd", "quality", "total", "teacher_fd", "teacher_agreement",
+                     "fidelity")
+
+
+def aggregate_table(stats: Mapping[str, Mapping[str, tuple[float, float, int]]],
+                    columns: Sequence[str] = AGGREGATE_COLUMNS) -> str:
+    """A markdown table ``cell | runs | metric mean ± std …`` (a metric a cell lacks shows as –)."""
+    lines = ["| cell | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for cell, metrics in stats.items():
+        runs = max(v[2] for v in metrics.values()) if metrics else 0
+        cols = [f"{metrics[c][0]:.3g} ± {metrics[c][1]:.2g}" if c in metrics else "–" for c in columns]
+        lines.append(f"| {cell} | {runs} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------- clip folders
@@ -271,7 +468,7 @@ def _load_sampler(spec: str) -> Callable[[list[str], torch.Generator], torch.Ten
     return fn
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict:
     """CLI (see the module doc). Prints the scores as JSON and optionally writes them to ``--json``; returns them.
     User errors raise :class:`~tmd_train.errors.UserError` (``python -m`` prints them as one ``error:`` line)."""
     ap = ArgumentParser(prog="python -m tmd_train.toy.tinybench", description="TinyBench for the moving-shapes world")
@@ -279,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     src.add_argument("--clips", help="folder with clips.safetensors (key 'clips') and prompts.jsonl")
     src.add_argument("--dataset", help="a toy-world dataset folder")
     src.add_argument("--sampler", help="'package.module:function' called as fn(prompts, generator) -> clips")
+    src.add_argument("--aggregate", metavar="ROOT", help="print mean ± std of ROOT/<cell>/<run>/tinybench.json")
     ap.add_argument("--n", type=int, default=256, help="clips to sample (--sampler) or read (--dataset)")
     ap.add_argument("--seed", type=int, default=0, help="prompt/noise seed for --sampler")
     ap.add_argument("--p-two", type=float, default=0.0, help="two-object prompt probability (--sampler)")
@@ -286,7 +484,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ap.add_argument("--ref-seed", type=int, default=REF_SEED)
     ap.add_argument("--evaluator", default=None, help="evaluator weights (default: the shipped ones)")
     ap.add_argument("--json", default=None, help="also write the scores here")
+    ap.add_argument("--teacher", default=None,
+                    help="also score fidelity to this toy-teacher folder ('shipped': the shipped toy teacher)")
+    ap.add_argument("--teacher-steps", type=int, default=TEACHER_REF_STEPS, help="Euler steps of the teacher reference")
+    ap.add_argument("--teacher-cfg", type=float, default=TEACHER_REF_CFG, help="CFG scale of the teacher reference")
+    ap.add_argument("--cache-dir", default=None, help="teacher reference cache (default $TMD_TINYBENCH_CACHE or "
+                                                      "~/.cache/tmd_train/tinybench)")
     args = ap.parse_args(argv)
+    if args.aggregate:
+        cells, skipped = collect(args.aggregate)
+        stats = aggregate(cells)
+        print(aggregate_table(stats))
+        for path in skipped:
+            print(f"skipped (unreadable or partial): {path}", file=sys.stderr)
+        return {cell: {k: list(v) for k, v in metrics.items()} for cell, metrics in stats.items()}
+    if args.teacher_steps < 1:
+        raise UserError(f"--teacher-steps must be >= 1, got {args.teacher_steps}")
     for name, value in (("--n", args.n), ("--n-ref", args.n_ref)):
         if value < 2:
             raise UserError(f"{name} must be >= 2, got {value}")
@@ -314,7 +527,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         evaluator = load_evaluator(args.evaluator) if args.evaluator else None
     except (OSError, ValueError) as e:
         raise UserError(f"--evaluator {args.evaluator}: {e}") from e
-    scores = tinybench(clips, prompts, n_ref=args.n_ref, ref_seed=args.ref_seed, evaluator=evaluator)
+    teacher_clips = None
+    if args.teacher:
+        teacher = TOY_TEACHER_DIR if args.teacher == "shipped" else Path(args.teacher)
+        if not (teacher / "config.json").is_file():
+            raise MissingFileError(f"--teacher {args.teacher}: no config.json in {teacher} (a toy-teacher folder)")
+        teacher_clips = teacher_reference(teacher, prompts, steps=args.teacher_steps, cfg=args.teacher_cfg,
+                                          cache_dir=args.cache_dir)
+    scores = tinybench(clips, prompts, n_ref=args.n_ref, ref_seed=args.ref_seed, evaluator=evaluator,
+                       teacher_clips=teacher_clips)
     text = json.dumps(scores, indent=1)
     print(text)
     if args.json:
