@@ -211,6 +211,17 @@ def test_missing_component_is_one_error_before_any_work(world, tmp_path, capsys)
     assert "--teacher" in capsys.readouterr().err and not out.exists()
 
 
+def test_unavailable_attention_backend_is_one_error_before_any_work(world, tmp_path, capsys):
+    """--attention-backend reaches the teacher through diffusers' dispatcher; a backend that cannot run here
+    (flash-attn is not installed, and it needs CUDA) is one error naming the option, before any work."""
+    root, wan = world
+    out = tmp_path / "out"
+    assert run_main(main, [*synthetic_args(root, wan, out), "--attention-backend", "flash"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--attention-backend" in err and "flash" in err
+    assert not (out / "shards").exists() and not list(out.glob("*.safetensors"))
+
+
 # ------------------------------------------------------------------ training on the results
 def test_both_stages_train_a_step_on_prepared_data(world, synthetic, videos, tmp_path):
     from tmd_train.engine.config import config_from_dict

@@ -485,6 +485,34 @@ def test_sample_grids_to_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "logs"), size_guidance={"images": 0})
     acc.Reload()
     assert [e.step for e in acc.Images("samples_ema")] == [2, 3]
+    # the grid's collapse checks: scalars beside the images and one JSON line per check
+    assert [e.step for e in acc.Scalars("collapse/constant")] == [2, 3]
+    rows = [json.loads(line) for line in (tmp_path / "collapse_checks.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3] and all(r["num_clips"] == 4 for r in rows)
+    assert [e.value for e in acc.Scalars("collapse/duplicate")] == [r["counts"]["duplicate"] for r in rows]
+
+
+def test_sample_grid_collapse_report():
+    """The grid's collapse checks flag constant, frozen and prompt-ignoring (duplicate) samples and stay
+    quiet on the toy world's clips; latent clips (16 channels, unit variance) are checked too."""
+    from tmd_train.methods.distill import Distillation
+    from tmd_train.toy.clips import make_batch
+
+    real = make_batch(4, seed=11)[0]                                              # [4, 3, 8, 32, 32] in [-1, 1]
+    assert Distillation.collapse_report(real)["num_flagged"] == 0
+    bad = real.clone()
+    bad[0] = 0.3                                                                  # solid colour
+    bad[1] = real[1, :, :1].expand_as(real[1])                                    # one frame held
+    bad[3] = real[2]                                                              # same clip for two prompts
+    report = Distillation.collapse_report(bad)
+    flags = {v["name"]: set(v["flags"]) for v in report["videos"]}
+    assert flags == {"clip-0": {"constant", "static"}, "clip-1": {"static"}, "clip-2": {"duplicate"},
+                     "clip-3": {"duplicate"}}
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 16, 3, 8, 8, generator=g)
+    assert Distillation.collapse_report(latents)["num_flagged"] == 0
+    latents[2] = latents[2, :, :1]                                                # frozen latent video
+    assert Distillation.collapse_report(latents)["counts"] == {"constant": 0, "static": 1, "duplicate": 0}
 
 
 def test_shipped_wan_config_is_the_papers_recipe():

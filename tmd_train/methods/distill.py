@@ -62,7 +62,7 @@ from ..engine.consolidate import ExportSpec, flatten, write_export_live
 from ..engine.data import StepSampler, open_training_data, step_loader
 from ..engine.distributed import local_tensor, materialize, replicated_parameters, shard_fsdp2
 from ..engine.ema import EMA
-from ..engine.logging import ScalarLogger
+from ..engine.logging import ScalarLogger, warn
 from ..engine.optim import NonFiniteGuard, adamw, guarded_update
 from ..engine.seeding import derive_seed, seeded_generator
 from ..engine.trainer import Method
@@ -84,6 +84,7 @@ from .networks import FakeScoreConfig, add_lora, is_adapter_name, set_adapters, 
 from .registry import METHODS, check_method
 
 SAMPLING_FILE = "tmd_sampling.json"
+COLLAPSE_FILE = "collapse_checks.jsonl"  # the sample grids' collapse checks, one JSON line per check
 
 
 @dataclass
@@ -734,9 +735,9 @@ class Distillation(Method):
         return model.to(self.device).eval()
 
     @torch.no_grad()
-    def sample_grid(self, n: int = 4) -> torch.Tensor | None:
-        """``[3, H, n·W]`` image in [0, 1]: the middle frame of EMA samples for the first ``n``
-        prompts of the data (fixed noise); None on other processes (collective)."""
+    def sample_clips(self, n: int = 4) -> torch.Tensor | None:
+        """``[n, C, F, H, W]`` EMA samples (float32, CPU) for the first ``n`` prompts of the data, from fixed
+        noise; None on other processes (collective)."""
         sd = self.ema_state_dict()
         if not self.is_main:
             return None
@@ -745,8 +746,13 @@ class Distillation(Method):
         text = batch["text"].to(self.device)
         shape = tuple(batch["latents"].shape)
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "samples"))
-        x = self.sample(self.ema_generator(sd), text, shape, g)
-        frames = x[:, :, x.shape[2] // 2].float().cpu()                          # [n, C, H, W]
+        return self.sample(self.ema_generator(sd), text, shape, g).float().cpu()
+
+    @staticmethod
+    def grid_image(clips: torch.Tensor) -> torch.Tensor:
+        """``[3, H, n·W]`` image in [0, 1]: the middle frame of each clip side by side. Pixel clips
+        (3 channels) are mapped from [-1, 1]; latents show their first 3 channels, min-max scaled per clip."""
+        frames = clips[:, :, clips.shape[2] // 2]                                # [n, C, H, W]
         if frames.shape[1] == 3:
             frames = (frames.clamp(-1, 1) + 1) / 2                               # pixel clips in [-1, 1]
         else:
@@ -755,13 +761,52 @@ class Distillation(Method):
             frames = (frames - lo) / (hi - lo).clamp(min=1e-6)
         return torch.cat(list(frames), dim=2)
 
+    def sample_grid(self, n: int = 4) -> torch.Tensor | None:
+        """``[3, H, n·W]`` image in [0, 1]: the middle frame of EMA samples for the first ``n``
+        prompts of the data (fixed noise); None on other processes (collective)."""
+        clips = self.sample_clips(n)
+        return None if clips is None else self.grid_image(clips)
+
+    @staticmethod
+    def collapse_report(clips: torch.Tensor) -> dict:
+        """The collapse checks (``tmd_train.evaluation.checks``, docs/design.md §8.3) of a sample grid's clips:
+        ``constant`` and ``static`` per clip, and ``duplicate`` across the grid — its clips come from different
+        prompts, so two equal clips mean the generator ignores the prompt. Pixel clips are checked as they are;
+        latent clips (≈ unit variance) on their first 3 channels mapped ±3 → [-1, 1], where the same thresholds
+        separate a flat or frozen latent from a living one."""
+        from ..evaluation.checks import check_clips
+
+        if clips.shape[1] != 3:
+            rgb = clips[:, :3] if clips.shape[1] >= 3 else clips[:, :1].expand(-1, 3, -1, -1, -1)
+            clips = rgb / 3.0
+        return check_clips(clips, prompts=["grid"] * clips.shape[0])
+
     def after_step(self, step: int, logger: ScalarLogger) -> None:
-        """EMA sample grids to TensorBoard every ``sample_every`` steps (and at the last)."""
+        """Every ``sample_every`` steps (and at the last): EMA samples of the first prompts, their grid to
+        TensorBoard (``samples_ema``) and their collapse checks — flag counts as TensorBoard scalars
+        (``collapse/constant``, ``collapse/static``, ``collapse/duplicate``), one JSON line per check in
+        ``<output_dir>/collapse_checks.jsonl`` and a warning when any clip is flagged."""
         every = self.cfg.sample_every
-        if every and (step % every == 0 or step == self.total_steps):
-            grid = self.sample_grid()
-            if grid is not None and logger.writer is not None:
-                logger.writer.add_image("samples_ema", grid, step)
+        if not (every and (step % every == 0 or step == self.total_steps)):
+            return
+        clips = self.sample_clips()
+        if clips is None:
+            return
+        report = self.collapse_report(clips)
+        if logger.writer is not None:
+            logger.writer.add_image("samples_ema", self.grid_image(clips), step)
+            for flag, count in report["counts"].items():
+                logger.writer.add_scalar(f"collapse/{flag}", count, step)
+        if logger.enabled:
+            row = {"step": step, "num_clips": report["num_videos"], "num_flagged": report["num_flagged"],
+                   "counts": report["counts"],
+                   "flags": {v["name"]: v["flags"] for v in report["videos"] if v["flags"]}}
+            with (Path(self.cfg.output_dir) / COLLAPSE_FILE).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if report["num_flagged"]:
+            from ..evaluation.checks import summary
+
+            warn(f"step {step}: the EMA sample grid looks collapsed — {summary(report)}")
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k} {g.skipped}" for k, g in self.guards.items())

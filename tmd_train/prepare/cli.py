@@ -11,6 +11,7 @@ import torch
 
 from ..data.format import FLOAT_DTYPES
 from ..errors import ArgumentParser, UserError, run_main
+from ..models.attention import ATTENTION_BACKENDS, DEFAULT_BACKEND, check_attention_backend
 from ..text.umt5 import WAN_NEGATIVE_PROMPT
 from . import runner
 from .common import check_positive, find_components, latent_size, pick_device, pick_precision, read_json, vae_scales
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--t-max", type=float, default=0.999,
                    help="first time of the ODE: the stored noise is x at t_max (the student's t_max)")
     s.add_argument("--seed", type=int, default=0, help="seed of the noise (clip i uses (seed, i))")
+    s.add_argument("--attention-backend", choices=tuple(ATTENTION_BACKENDS), default=DEFAULT_BACKEND,
+                   help="the teacher's attention kernel (diffusers' dispatcher; docs/design.md §8.4); not part of "
+                        "the run's identity, so a run may resume with another")
     _common(s)
     v = sub.add_parser("videos", help="real videos with captions -> Wan VAE latents",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -125,13 +129,14 @@ def run_synthetic(args: argparse.Namespace) -> dict:
     plan = _plan(args, "latents", len(prompts) * args.clips_per_prompt, settings, tcfg, meta)
     device = pick_device(args.device)
     compute = pick_precision(args.precision, device)
+    check_attention_backend(args.attention_backend, key="--attention-backend", device=device)
 
     def make() -> SyntheticWorker:
         return SyntheticWorker(prompts=prompts, clips_per_prompt=args.clips_per_prompt, components=comps,
                                latent_shape=shape, negative_prompt=args.negative_prompt, steps=args.steps,
                                cfg=args.cfg, shift=args.shift, t_max=args.t_max, seed=args.seed,
                                max_text_len=args.max_text_len, device=device, compute=compute,
-                               storage=FLOAT_DTYPES[args.dtype])
+                               storage=FLOAT_DTYPES[args.dtype], attention_backend=args.attention_backend)
     return runner.run(plan, make, overwrite=args.overwrite, progress=not args.no_progress, desc="synthetic")
 
 

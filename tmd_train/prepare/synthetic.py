@@ -61,7 +61,7 @@ class SyntheticWorker:
     def __init__(self, *, prompts: list[str | None], clips_per_prompt: int, components: dict[str, Path],
                  latent_shape: Sequence[int], negative_prompt: str, steps: int, cfg: float, shift: float,
                  t_max: float, seed: int, max_text_len: int, device: torch.device, compute: torch.dtype,
-                 storage: torch.dtype) -> None:
+                 storage: torch.dtype, attention_backend: str = "native") -> None:
         from ..models.teacher import load_teacher
         from ..text.umt5 import PromptEncoder
 
@@ -77,6 +77,9 @@ class SyntheticWorker:
                                         device=device).requires_grad_(False)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the Wan components ({e})") from e
+        from ..models.attention import set_attention_backend
+
+        set_attention_backend(self.teacher, attention_backend, key="--attention-backend", device=device)
         if self.teacher.config.text_dim != self.encoder.encoder.config.d_model:
             raise UserError(f"the text encoder's width {self.encoder.encoder.config.d_model} differs from the "
                             f"teacher's text_dim {self.teacher.config.text_dim}")
