@@ -31,14 +31,18 @@ Everything goes to ``bench/results/gpu-check-<device>-<UTC time>.json`` (rewritt
 so a crash keeps what was measured), then one summary table and a pass/fail line per goal:
 memory-bound ops ≥ 90 % of the measured copy bandwidth, ≥ 1.0× ``torch.compile`` forward and ≥ 1.2×
 forward+backward; gated_fusion_linear within 5 % of the bare cuBLAS GEMM (bf16 forward);
-sampler ≥ 95 % of the NFE-ideal speedup; the CUDA tests and the sanitizer clean. There is no memory
-planner in the project yet, so the stage rows carry ``planner_estimate_gb: null``.
+sampler ≥ 95 % of the NFE-ideal speedup; the CUDA tests and the sanitizer clean. The stage rows carry
+the memory planner's estimate (``python -m tmd_train.plan``, docs/design.md §7) of the same iteration beside
+the measured peak: planning a Wan-width model takes minutes of CPU, so the estimates are made beforehand on any
+machine by ``python bench/gpu_check.py --plan-estimates`` into ``bench/results/plan-gpu-check.json`` (keyed by a
+fingerprint of the stage's configuration; a stale entry is not used) — the dry run plans its toy model live.
 
 ``--dry`` runs the same code paths at toy sizes on whatever device there is (the CPU in CI): no
 build, pytest only collects the CUDA tests, the sanitizer cases run without the tool, no
 ``torch.compile`` provider, a tiny Wan configuration for the stages and the sampler.
 
     python bench/gpu_check.py [--dry] [--budget S] [--parts ops,sampler] [--caps ops=200,...]
+    python bench/gpu_check.py --plan-estimates [--plan-layers 30,15,8]     (CPU is enough)
 """
 from __future__ import annotations
 
@@ -473,6 +477,90 @@ def _stage_cfg(stage: int, ctx: dict, layers: int, out: Path):
     return config_from_dict(Stage2Config, values)
 
 
+PLAN_FILE = ROOT / "bench" / "results" / "plan-gpu-check.json"
+
+
+def _plan_fingerprint(cfg, latent, text_len: int) -> str:
+    """SHA-256 of the stage's configuration (without its output folder) and sizes: a stored estimate is used
+    only for the configuration it was planned for."""
+    import dataclasses
+
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
+    blob = json.dumps({"config": values, "latent": list(latent), "text_len": text_len}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _plan_key(stage: int, layers: int) -> str:
+    return f"stage{stage}-L{layers}"
+
+
+def _plan_live(stage: int, ctx: dict, layers: int) -> dict:
+    """Plan the stage's iteration now (FakeTensorMode on the CPU, one rank) — how the planner prices it."""
+    from tmd_train.plan import estimate
+
+    latent, text_len = (TOY_LATENT, TOY_TEXT_LEN) if ctx["dry"] else (WAN_LATENT, WAN_TEXT_LEN)
+    out = Path(tempfile.mkdtemp(prefix=f"gpu_check_plan{stage}_"))
+    try:
+        cfg = _stage_cfg(stage, ctx, layers, out)
+        plan = estimate(cfg, 1, latent=latent, text_len=text_len, gpu=not ctx["dry"], teacher_note="random weights")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"peak_gb": plan.peak / 2**30, "gib": {k: round(v, 3) for k, v in plan.gib().items()},
+            "iteration": plan.iteration, "precision": plan.precision, "plan_s": round(plan.seconds, 1),
+            "fingerprint": _plan_fingerprint(cfg, latent, text_len)}
+
+
+def planner_estimate(stage: int, ctx: dict, layers: int) -> dict:
+    """The planner's per-GPU peak for the iteration the stage part runs: planned live in a dry run, read from
+    :data:`PLAN_FILE` otherwise (``estimate_gb`` None with a note when it holds no current entry)."""
+    if ctx["dry"]:
+        est = _plan_live(stage, ctx, layers)
+        return {"estimate_gb": est["peak_gb"], "source": "planned live", "plan_s": est["plan_s"]}
+    out = Path(tempfile.mkdtemp(prefix="gpu_check_fp_"))
+    try:
+        fingerprint = _plan_fingerprint(_stage_cfg(stage, ctx, layers, out), WAN_LATENT, WAN_TEXT_LEN)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    how = "python bench/gpu_check.py --plan-estimates"
+    try:
+        stored = json.loads(PLAN_FILE.read_text()).get("estimates", {})
+    except (OSError, ValueError):
+        return {"estimate_gb": None, "note": f"no stored estimates in {PLAN_FILE.name}; make them with: {how}"}
+    entry = stored.get(_plan_key(stage, layers))
+    if entry is None or entry.get("fingerprint") != fingerprint:
+        what = "none" if entry is None else "a stale one (the configuration changed)"
+        return {"estimate_gb": None, "note": f"{PLAN_FILE.name} holds {what} for stage {stage} at L={layers}; "
+                                             f"remake with: {how}"}
+    return {"estimate_gb": entry["peak_gb"], "source": f"{PLAN_FILE.name} ({entry.get('date', '?')})"}
+
+
+def make_plan_estimates(layer_list: list[int], path: Path | None = None) -> dict:
+    """Plan both stages at each layer count for the GPU check's configuration and store them in ``path``
+    (default :data:`PLAN_FILE`; merged with the entries already there; written after each one)."""
+    import torch
+
+    path = PLAN_FILE if path is None else path
+
+    ctx = {"dry": False}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    doc.update({"bench": "gpu-check planner estimates", "torch": torch.__version__,
+                "note": "per-GPU peak (GiB) of the stage part's iteration, planned by tmd_train.plan on one rank"})
+    estimates = doc.setdefault("estimates", {})
+    for layers in layer_list:
+        for stage in (1, 2):
+            print(f"planning stage {stage} at L={layers} ...", flush=True)
+            est = _plan_live(stage, ctx, layers)
+            est["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            estimates[_plan_key(stage, layers)] = est
+            print(f"  peak {est['peak_gb']:.2f} GiB ({est['plan_s']:.0f} s)", flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=1))
+    return doc
+
+
 def _cuda_mem_reset(device: str) -> None:
     import torch
 
@@ -516,10 +604,17 @@ def _stage(stage: int, ctx: dict, clock: Clock) -> dict:
                 sync(device)
                 times.append(time.monotonic() - t1)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+            del method
+            method = None
+            gc.collect()
+            try:
+                planner = planner_estimate(stage, ctx, layers)
+            except Exception as e:  # noqa: BLE001 - the measurement stands without the estimate
+                planner = {"estimate_gb": None, "note": f"planner failed: {type(e).__name__}: {e}"}
             return {"status": "ok", "layers": layers, "full_model": layers == WAN_1_3B["num_layers"],
                     "latent": list(TOY_LATENT if ctx["dry"] else WAN_LATENT), "batch_size": 1,
                     "build_s": build_s, "warmup_s": times[0], "s_per_iter": times[-1],
-                    "peak_memory_gb": peak, "planner_estimate_gb": None,
+                    "peak_memory_gb": peak, "planner_estimate_gb": planner.pop("estimate_gb"), "planner": planner,
                     "metrics": {k: float(v) for k, v in (metrics or {}).items()
                                 if isinstance(v, (int, float))}, "attempts": attempts}
         except torch.OutOfMemoryError:
@@ -662,7 +757,9 @@ def summary(results: dict, goal_rows: list[dict]) -> str:
             key += f", {len(tmd)} tmd rows"
         elif part in ("stage1", "stage2") and r.get("s_per_iter") is not None:
             mem = f", peak {r['peak_memory_gb']:.1f} GB" if r.get("peak_memory_gb") is not None else ""
-            key = f"L={r['layers']}: {r['s_per_iter']:.3f} s/iter{mem} (planner: none)"
+            est = r.get("planner_estimate_gb")
+            plan = f"planner {est:.1f} GB" if est is not None else "planner: none"
+            key = f"L={r['layers']}: {r['s_per_iter']:.3f} s/iter{mem} ({plan})"
         elif part == "sampler" and r.get("rows"):
             key = "; ".join(f"{'FlowHeadLoop' if 'FlowHeadLoop' in x['provider'] else 'eager'} "
                             f"{x['realised_of_ideal']:.2f} of ideal" for x in r["rows"][1:])
@@ -709,7 +806,19 @@ def run_check(argv: list[str] | None = None) -> int:
     p.add_argument("--autotune", action="store_true", help="add Inductor max-autotune to gated_fusion_linear")
     p.add_argument("--out", default=None, help="the JSON path (default bench/results/gpu-check-<dev>-<time>.json)")
     p.add_argument("--sanitize-case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--plan-estimates", action="store_true",
+                   help=f"only plan the stage parts' memory (CPU is enough; minutes per entry) into {PLAN_FILE.name}")
+    p.add_argument("--plan-layers", default="30,15,8", help="layer counts for --plan-estimates")
     args = p.parse_args(argv)
+
+    if args.plan_estimates:
+        try:
+            layer_list = [int(x) for x in args.plan_layers.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--plan-layers: expected comma-separated integers, got {args.plan_layers!r}")
+        make_plan_estimates(layer_list)
+        print(f"saved {PLAN_FILE}")
+        return 0
 
     if args.sanitize_case is not None:  # the child run under compute-sanitizer
         import torch

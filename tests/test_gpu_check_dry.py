@@ -37,7 +37,8 @@ def test_make_gpu_check_dry(tmp_path):
     for stage in ("stage1", "stage2"):
         st = res[stage]
         assert st["status"] == "ok", st
-        assert st["s_per_iter"] > 0 and st["layers"] == 6 and st["planner_estimate_gb"] is None
+        assert st["s_per_iter"] > 0 and st["layers"] == 6
+        assert st["planner_estimate_gb"] > 0 and st["planner"]["source"] == "planned live"  # the toy, planned now
     samp = res["sampler"]
     assert samp["status"] == "ok" and len(samp["rows"]) == 3
     assert samp["rows"][0]["nfe"] == 2 * samp["teacher_steps_timed"]
@@ -65,3 +66,28 @@ def test_gpu_check_reports_time_caps(tmp_path, monkeypatch):
     for bad in (["--parts", "env,nope"], ["--caps", "ops"], ["--caps", "nope=3"]):
         with pytest.raises(SystemExit):
             gpu_check.run_check(["--dry", *bad])
+
+
+def test_gpu_check_reads_stored_planner_estimates(tmp_path, monkeypatch):
+    """On a GPU the stage rows take the planner's estimate from the stored file made by --plan-estimates,
+    only for the configuration it was planned for (a changed configuration makes the entry stale)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_check
+
+    def fingerprint(stage, layers):
+        cfg = gpu_check._stage_cfg(stage, {"dry": False}, layers, tmp_path / "run")
+        return gpu_check._plan_fingerprint(cfg, gpu_check.WAN_LATENT, gpu_check.WAN_TEXT_LEN)
+
+    monkeypatch.setattr(gpu_check, "PLAN_FILE", tmp_path / "plan.json")
+    monkeypatch.setattr(gpu_check, "_plan_live", lambda stage, ctx, layers: {
+        "peak_gb": 10.0 * stage + layers, "plan_s": 1.0, "fingerprint": fingerprint(stage, layers)})
+    ctx = {"dry": False}
+    assert gpu_check.planner_estimate(1, ctx, 30)["estimate_gb"] is None          # nothing stored yet
+    assert gpu_check.run_check(["--plan-estimates", "--plan-layers", "30,8"]) == 0
+    stored = json.loads((tmp_path / "plan.json").read_text())["estimates"]
+    assert sorted(stored) == ["stage1-L30", "stage1-L8", "stage2-L30", "stage2-L8"]
+    assert gpu_check.planner_estimate(2, ctx, 8)["estimate_gb"] == 28.0
+    assert gpu_check.planner_estimate(1, ctx, 15)["estimate_gb"] is None          # not planned at L=15
+    monkeypatch.setitem(gpu_check.WAN_1_3B, "ffn_dim", 4096)                        # the configuration changed
+    stale = gpu_check.planner_estimate(1, ctx, 30)
+    assert stale["estimate_gb"] is None and "stale" in stale["note"]
