@@ -270,7 +270,7 @@ def _plan_tracker_class() -> type:
             return None
 
         def __enter__(self) -> _PlanTracker:
-            from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+            FSDPParamGroup = fsdp_param_group_class()
             original = FSDPParamGroup.post_backward
             tracker = self
 
@@ -302,6 +302,28 @@ def _plan_tracker_class() -> type:
     return PlanTracker
 
 
+#: The FSDP2 internals the planner hooks (torch 2.11 – 2.14 have them): ``FSDPParamGroup`` methods and the
+#: attributes of its ``FSDPParam`` entries.
+FSDP_GROUP_METHODS = ("post_backward", "wait_for_unshard")
+
+
+def fsdp_param_group_class() -> type:
+    """``FSDPParamGroup`` of this torch's FSDP2, checked for the methods the planner wraps; a
+    :class:`~tmd_train.errors.UserError` naming the torch version when they moved (the planner reads FSDP2
+    internals: sharded gradients after the reduce-scatter, all-gathered parameters)."""
+    where = "torch.distributed.fsdp._fully_shard._fsdp_param_group"
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    except ImportError as e:
+        raise UserError(f"the memory planner hooks FSDP2 internals ({where}.FSDPParamGroup) that torch "
+                        f"{torch.__version__} does not have ({e}); it was written for torch 2.11 – 2.14") from None
+    missing = [m for m in FSDP_GROUP_METHODS if not callable(getattr(FSDPParamGroup, m, None))]
+    if missing:
+        raise UserError(f"the memory planner hooks FSDPParamGroup.{', .'.join(missing)}, which torch "
+                        f"{torch.__version__} does not have; it was written for torch 2.11 – 2.14")
+    return FSDPParamGroup
+
+
 #: The planner's memory tracker class (see :func:`_plan_tracker_class`).
 PlanTracker: Any = None
 
@@ -329,17 +351,13 @@ def planning_environment(world_size: int, autocast_dtype: torch.dtype | None,
         from torch.testing._internal.distributed.fake_pg import FakeStore
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
         own_group = True
-        mesh = init_device_mesh(device.type, (world_size,))
-
-        def prebuilt_mesh(device_type: str, mesh_shape: Sequence[int], **kwargs: Any) -> Any:
-            if device_type != device.type or tuple(mesh_shape) != (world_size,) or kwargs:
-                return init_device_mesh(device_type, mesh_shape, **kwargs)
-            return mesh
-        patches.append(mock.patch("torch.distributed.device_mesh.init_device_mesh", prebuilt_mesh))
+        mesh = init_device_mesh(device.type, (world_size,))  # before any fake tensor: inside, it fails
+    else:
+        mesh = None
 
     def create(cfg: Any) -> Any:
         return context_mod.RunContext(device=device, rank=0, world=world_size, is_main=True,
-                                      autocast_dtype=autocast_dtype)
+                                      autocast_dtype=autocast_dtype, mesh=mesh)
     patches.append(mock.patch.object(context_mod.RunContext, "create", staticmethod(create)))
     patches.append(mock.patch.object(optim_mod, "all_finite", lambda *values: True))
     if fake_mode is not None:

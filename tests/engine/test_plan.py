@@ -113,3 +113,16 @@ def test_worst_case_resolution() -> None:
         assert not bool(mask.any()) and bool(mask.all())
         assert float(torch.rand(())) == 1.0
 
+
+
+def test_fsdp_internals_guard(monkeypatch) -> None:
+    """The planner hooks FSDP2 internals; a torch without them is one UserError naming the version, not an
+    AttributeError deep inside a plan."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    from tmd_train.errors import UserError
+
+    assert plan.fsdp_param_group_class() is FSDPParamGroup
+    monkeypatch.delattr(FSDPParamGroup, "wait_for_unshard")
+    with pytest.raises(UserError, match=r"FSDPParamGroup\.wait_for_unshard.*torch 2\."):
+        plan.fsdp_param_group_class()

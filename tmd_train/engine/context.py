@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -19,6 +20,8 @@ class RunContext:
         rank, world, is_main: the process index, the number of processes, ``rank == 0``.
         autocast_dtype: ``torch.bfloat16`` when the config's ``mixed_precision`` is ``bf16``
             (or ``auto`` on GPU), else None (no autocast).
+        mesh: the 1-D ``DeviceMesh`` FSDP2 shards over, or None to make one over all processes when the
+            models are sharded (the memory planner passes the mesh of its fake process group).
     """
 
     device: torch.device
@@ -26,6 +29,7 @@ class RunContext:
     world: int
     is_main: bool
     autocast_dtype: torch.dtype | None
+    mesh: Any = None
 
     @classmethod
     def create(cls, cfg: TrainConfig) -> RunContext:

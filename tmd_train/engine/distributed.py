@@ -28,8 +28,8 @@ def barrier() -> None:
 
 
 def shard_fsdp2(root: nn.Module, blocks: Iterable[nn.Module], device_type: str,
-                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None
-                ) -> list[nn.Parameter]:
+                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
+                mesh: Any = None) -> list[nn.Parameter]:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) over all processes: each of ``blocks`` is
     its own unit, ``root`` holds the rest. On CPU the process group is gloo.
 
@@ -43,11 +43,14 @@ def shard_fsdp2(root: nn.Module, blocks: Iterable[nn.Module], device_type: str,
 
     FSDP2 cannot shard 0-d parameters (e.g. the gated fusion's α): they stay ordinary replicated
     tensors and are returned; average their gradients with :func:`average_gradients` before the
-    optimizer step."""
+    optimizer step.
+
+    ``mesh``: the 1-D device mesh to shard over (default: a new one over all processes)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    if mesh is None:
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     kwargs = {}
     if param_dtype is not None or reduce_dtype is not None:
         # the forward inputs keep their dtypes (flow times are float64; autocast picks the compute dtype)

@@ -412,11 +412,12 @@ class Distillation(Method):
             mp = {}
             if self.autocast_dtype is not None:
                 mp = {"param_dtype": self.autocast_dtype, "reduce_dtype": torch.float32}
-            self.replicated["generator"] = shard_fsdp2(self.gen_model, gen_blocks, self.device.type, **mp)
+            mesh = self.ctx.mesh
+            self.replicated["generator"] = shard_fsdp2(self.gen_model, gen_blocks, self.device.type, mesh=mesh, **mp)
             if not lora:
                 self.replicated["fake_score"] = shard_fsdp2(self.fake_score, self.fake_score.blocks,
-                                                            self.device.type, **mp)
-            shard_fsdp2(self.teacher, teacher.blocks, self.device.type)
+                                                            self.device.type, mesh=mesh, **mp)
+            shard_fsdp2(self.teacher, teacher.blocks, self.device.type, mesh=mesh)
         # models of a folder were built on the meta device: each process reads its shards now
         for root in (self.gen_model, self.teacher) if lora else (self.gen_model, self.fake_score, self.teacher):
             materialize(root, self.device)

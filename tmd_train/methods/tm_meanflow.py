@@ -159,9 +159,10 @@ class TMMeanFlow(Method):
             mp = {}
             if self.autocast_dtype is not None and objective.fd_autocast:
                 mp = {"param_dtype": self.autocast_dtype, "reduce_dtype": torch.float32}
-            self.replicated = shard_fsdp2(self.model, student.transformer.blocks, self.device.type, **mp)
+            self.replicated = shard_fsdp2(self.model, student.transformer.blocks, self.device.type,
+                                          mesh=self.ctx.mesh, **mp)
             if self.teacher is not None:
-                shard_fsdp2(self.teacher, self.teacher.blocks, self.device.type)
+                shard_fsdp2(self.teacher, self.teacher.blocks, self.device.type, mesh=self.ctx.mesh)
         materialize(self.model, self.device)  # models of a folder: each process reads its shards
         if self.teacher is not None:
             materialize(self.teacher, self.device)
