@@ -152,23 +152,22 @@ def sampling_settings(folder: Path) -> dict:
     return _read_json(path, folder) if path.is_file() else {}
 
 
-def _is_transformer_folder(folder: Path) -> bool:
-    cfg = folder / CONFIG_NAME
-    return cfg.is_file() and _read_json(cfg, folder).get("_class_name") == "WanTransformer3DModel"
-
-
 def model_kind(folder: Path) -> str:
     """``"student"`` (a tmd-student config.json), ``"few_step"`` (a DMD2-v transformer folder, per
-    its tmd_sampling.json) or ``"teacher"`` (a Wan diffusers folder or a transformer folder)."""
+    its tmd_sampling.json) or ``"teacher"`` (a Wan diffusers folder or a transformer folder) — a folder with its
+    own config.json is judged by :func:`tmd_train.pipeline.folder_kind`, the rule the pipeline loads by."""
+    from .pipeline import folder_kind
+
     if not folder.is_dir():
         raise UserError(f"--model {folder}: no such folder")
-    if sampling_settings(folder).get("method") == "dmd2v" and (folder / CONFIG_NAME).is_file():
-        return "few_step"
     cfg = folder / CONFIG_NAME
-    if cfg.is_file() and _read_json(cfg, folder).get("format") == FORMAT:
-        return "student"
-    if ((folder / "model_index.json").is_file() or (folder / "transformer" / CONFIG_NAME).is_file()
-            or _is_transformer_folder(folder)):
+    if cfg.is_file():
+        _read_json(cfg, folder)  # an unreadable config.json is named as --model's
+        try:
+            return folder_kind(folder)
+        except UserError:
+            pass
+    elif (folder / "model_index.json").is_file() or (folder / "transformer" / CONFIG_NAME).is_file():
         return "teacher"
     raise UserError(f"--model {folder}: neither a TMD student folder ({cfg} with format '{FORMAT}') nor a "
                     "Wan diffusers folder (model_index.json + transformer/) nor a transformer folder (config.json "
