@@ -1,5 +1,6 @@
 # tmd — two commands for a fresh machine:
 #   make demo   sets up, then runs the toy-world demo (stage 1 + stage 2 on the shipped teacher) -> runs/demo/report.md
+#   make reproduce  the comparison with 3 seeds, curves and ablations (~3 h on 2 cores; resumable) -> docs/results.md
 #   make bench  runs every benchmark (BENCH_ARGS, default --small; on the GPU when there is one)
 #   make test   creates .venv if missing, installs torch (the CUDA build where available) + the project, runs pytest
 #   make gpu-check  everything that needs a GPU in one run (bench/gpu_check.py; GPU_CHECK_ARGS); DRY=1: toy sizes, any device
@@ -9,6 +10,7 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+REPRODUCE_ARGS ?=
 BENCH_ARGS ?= --small
 GPU_CHECK_ARGS ?=
 DRY ?=
@@ -25,7 +27,7 @@ endif
 DEPS := numpy ninja pytest expecttest ruff safetensors tqdm pyyaml "diffusers>=0.33" "transformers>=4.45" \
         "accelerate>=1.0" sentencepiece imageio imageio-ffmpeg tensorboard matplotlib "peft>=0.13" "av>=12"
 
-.PHONY: test demo bench build clean lint gpu-check FORCE
+.PHONY: test demo reproduce bench build clean lint gpu-check FORCE
 
 test: $(READY)
 	$(PY) -c "import tmd_ext, json; print('tmd_ext build:', json.dumps(tmd_ext.build_info()))"
@@ -33,6 +35,9 @@ test: $(READY)
 
 demo: $(READY)
 	$(PY) -m tmd_train.toy.demo $(DEMO_ARGS)
+
+reproduce: $(READY)
+	$(PY) -m tmd_train.toy.reproduce $(REPRODUCE_ARGS)
 
 bench: $(READY)
 	@for b in bench/bench_*.py; do echo "== $$b"; (cd bench && PYTHONPATH=$(CURDIR) $(PY) $$(basename $$b) $(BENCH_ARGS)) || exit 1; done

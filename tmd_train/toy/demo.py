@@ -94,7 +94,7 @@ class Row:
     clips: torch.Tensor | None = None
 
 
-def _stage(module: str, args: list[str]) -> None:
+def run_stage(module: str, args: list[str]) -> None:
     """Run ``python -m tmd_train.<module> args`` in this process (its ``main``)."""
     print(f"\n$ python -m tmd_train.{module} {' '.join(args)}", flush=True)
     mod = __import__(f"tmd_train.{module}", fromlist=["main"])
@@ -218,7 +218,7 @@ def run(out: Path, settings: DemoSettings, threads: int | None = None) -> dict:
 
     def timed(name: str, module: str, args: list[str]) -> None:
         t0 = time.perf_counter()
-        _stage(module, args)
+        run_stage(module, args)
         timings[name] = time.perf_counter() - t0
 
     # --overwrite: a rerun of the demo replaces the runs of the previous one in <out>

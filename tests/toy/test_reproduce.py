@@ -1,0 +1,163 @@
+"""`make reproduce` at --quick sizes: an interrupted run resumes (finished runs skipped, unfinished stage 2
+continued from its checkpoint), a rerun does nothing, --aggregate-only regenerates the report from whatever
+records exist, --plan runs nothing."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+import torch
+
+from tmd_train.errors import UserError
+from tmd_train.toy import reproduce, toy_teacher_available
+
+pytestmark = pytest.mark.skipif(not toy_teacher_available(), reason="the toy teacher is not shipped in this checkout")
+
+CELLS = "teacher_2,tmd_N2H1_M2"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _args(tmp: Path, *extra: str) -> list[str]:
+    return ["--quick", "--cells", CELLS, "--out", str(tmp / "out"), "--results", str(tmp / "results"),
+            "--report", str(tmp / "results.md"), "--threads", str(torch.get_num_threads()), *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One quick run killed after its first stage-2 chunk, then rerun to the end; the stage calls of each."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    old_cache = os.environ.get("TMD_TINYBENCH_CACHE")
+    os.environ["TMD_TINYBENCH_CACHE"] = str(tmp / "cache")
+    real_stage = reproduce.run_stage
+    calls: dict[str, list[list[str]]] = {"first": [], "second": [], "third": []}
+    phase = "first"
+
+    def stage(module, args):
+        calls[phase].append([module, *args])
+        real_stage(module, args)
+        if phase == "first" and module == "stage2":
+            raise Interrupted  # killed after the first chunk (its checkpoint written)
+
+    reproduce.run_stage = stage
+    try:
+        with pytest.raises(Interrupted):
+            reproduce.main(_args(tmp))
+        run_dir = tmp / "out" / "cells" / "tmd_N2H1_M2" / "seed0"
+        state = {"checkpoints": sorted(p.name for p in run_dir.glob("checkpoint-*")),
+                 "curve": json.loads((run_dir / "curve.json").read_text())["points"]}
+        phase = "second"
+        assert reproduce.main(_args(tmp)) == 0
+        record = tmp / "results" / "runs" / "tmd_N2H1_M2" / "seed0.json"
+        stamp = record.stat().st_mtime_ns
+        phase = "third"
+        assert reproduce.main(_args(tmp)) == 0
+        state["record_unchanged"] = record.stat().st_mtime_ns == stamp
+    finally:
+        reproduce.run_stage = real_stage
+        if old_cache is None:
+            os.environ.pop("TMD_TINYBENCH_CACHE", None)
+        else:
+            os.environ["TMD_TINYBENCH_CACHE"] = old_cache
+    return tmp, calls, state
+
+
+def test_interrupted_run_resumes_and_a_rerun_skips(run):
+    tmp, calls, state = run
+    # the first invocation: the teacher cell finished, stage 1 trained, stage 2 killed after its first chunk
+    assert (tmp / "results" / "runs" / "teacher_2" / "seed0.json").is_file()
+    assert [c[0] for c in calls["first"]] == ["stage1", "stage2"]
+    assert state["checkpoints"] == ["checkpoint-0000001"]
+    assert [p["steps"] for p in state["curve"]] == [0]  # killed before scoring the chunk
+    # the second: no stage 1 again; stage 2 resumes at its checkpoint (the chunk that has no score yet: nothing
+    # left to train, its student is exported and scored), then trains the last chunk from there
+    assert [c[0] for c in calls["second"]] == ["stage2", "stage2"]
+    assert all("--resume" in c for c in calls["second"])
+    assert "steps=1" in calls["second"][0] and "steps=2" in calls["second"][1]
+    run_dir = tmp / "out" / "cells" / "tmd_N2H1_M2" / "seed0"
+    changes = [json.loads(line) for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
+    assert changes[-1]["step"] == 1 and changes[-1]["changes"]["steps"] == {"old": 1, "new": 2}
+    assert not list(run_dir.glob("checkpoint-*"))  # finished: checkpoints dropped
+    # the third: everything done, nothing runs, nothing rewritten
+    assert calls["third"] == [] and state["record_unchanged"]
+    rec = json.loads((tmp / "results" / "runs" / "tmd_N2H1_M2" / "seed0.json").read_text())
+    assert [p["steps"] for p in rec["curve"]] == [0, 1, 2]
+    assert rec["nfe"] == pytest.approx(2 * (1 + 1 / 6))
+    for key in ("total", "semantic", "teacher_fd", "teacher_agreement", "fidelity"):
+        assert key in rec["scores"]
+    assert json.loads((run_dir / "tinybench.json").read_text()) == rec["scores"]
+
+
+def test_report_and_aggregate_only(run):
+    tmp, _, _ = run
+    report = tmp / "results.md"
+    text = report.read_text()
+    assert "runs finished: 2 of 2" in text and "| TMD N2H1 M=2 | 2×(N=2) | 2.33 | 1 |" in text
+    assert "| teacher 2×CFG | 2×2 | 4 | 1 |" in text
+    for name in ("curves.png", "tinybench_vs_nfe.png", "samples.png", "samples/tmd_N2H1_M2.png"):
+        img = iio.imread(tmp / "results" / name)
+        assert img.ndim == 3 and img.std() > 0, name
+    # partial: one record gone -> the table shows what is left, nothing is trained
+    (tmp / "results" / "runs" / "teacher_2" / "seed0.json").rename(tmp / "teacher_record.json")
+    report.unlink()
+    try:
+        assert reproduce.main(_args(tmp, "--aggregate-only")) == 0
+        text = report.read_text()
+        assert "runs finished: 1 of 2" in text and "| teacher 2×CFG |" not in text
+        assert "| TMD N2H1 M=2 |" in text
+    finally:
+        (tmp / "teacher_record.json").rename(tmp / "results" / "runs" / "teacher_2" / "seed0.json")
+
+
+def test_stale_records_are_ignored(run, tmp_path):
+    tmp, _, _ = run
+    results = tmp_path / "results"
+    src = tmp / "results" / "runs" / "tmd_N2H1_M2" / "seed0.json"
+    rec = json.loads(src.read_text())
+    rec["fingerprint"] = "other-settings"
+    (results / "runs" / "tmd_N2H1_M2").mkdir(parents=True)
+    (results / "runs" / "tmd_N2H1_M2" / "seed0.json").write_text(json.dumps(rec))
+    assert reproduce.main(["--quick", "--cells", CELLS, "--out", str(tmp_path / "out"), "--results", str(results),
+                           "--report", str(tmp_path / "r.md"), "--aggregate-only"]) == 0
+    assert "runs finished: 0 of 2" in (tmp_path / "r.md").read_text()
+
+
+def test_plan_runs_nothing(capsys, tmp_path):
+    assert reproduce.main(["--plan", "--out", str(tmp_path / "never")]) == 0
+    text = capsys.readouterr().out
+    for key in ("teacher_full", "dmd2v_M4", "tmd_N2H2_M2", "abl_tm_init", "abl_last_step", "abl_cfg_teacher"):
+        assert key in text
+    assert "estimated total" in text and not (tmp_path / "never").exists()
+    _, seconds = reproduce.plan(reproduce.Settings(), reproduce.make_cells(reproduce.Settings()))
+    assert 0 < seconds <= 3 * 3600
+    with pytest.raises(UserError, match="unknown cell"):
+        reproduce.main(["--plan", "--cells", "nope"])
+
+
+def test_findings_follow_the_numbers():
+    settings = reproduce.Settings()
+    cells = reproduce.make_cells(settings)
+
+    def stats(tmd, dmd):
+        return {"tmd_N2H1_M2": {"total": tmd}, "dmd2v_M2": {"total": dmd}}
+
+    text = reproduce.findings(cells, stats((20.0, 1.0, 3), (30.0, 1.0, 3)), {}, settings)
+    assert "TMD N2H1 M=2 (NFE 2.33) is lower than DMD2-v M=2" in text and "-10.0 ± 0.8 s.e." in text
+    text = reproduce.findings(cells, stats((31.0, 1.0, 3), (30.0, 1.0, 3)), {}, settings)
+    assert "is not distinguishable from DMD2-v M=2" in text
+    text = reproduce.findings(cells, stats((35.0, 1.0, 3), (30.0, 1.0, 3)), {}, settings)
+    assert "is higher than DMD2-v M=2" in text
+    text = reproduce.findings(cells, stats((35.0, 0.0, 1), (30.0, 0.0, 1)), {}, settings)
+    assert "is higher than DMD2-v M=2" in text and "one seed: no uncertainty" in text
+    # a curve that still rises over its last chunk is reported as such
+    curve = [{"steps": s, "total": t} for s, t in zip(reproduce.curve_steps(settings), (10, 11, 12, 13, 20),
+                                                      strict=True)]
+    recs = {"dmd2v_M2": [{"scores": {}, "curve": curve}]}
+    text = reproduce.findings(cells, stats((35.0, 0.0, 1), (30.0, 0.0, 1)), recs, settings)
+    assert "Curves still moving at the end" in text and "DMD2-v M=2 (+7.0 in the last" in text
+    assert "Partial results: some cells have only 1 of 3 seeds" in text
