@@ -1,14 +1,27 @@
-// CPU kernels of flow_step (the twin of flow_step_cuda.cu; same per-element math).
+// CPU kernels of flow_step (the twin of flow_step_cuda.cu; same per-element math). The loops are in
+// flow_step_cpu_kernels.h, built twice (baseline and AVX2, core/cpu_vec.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
+#include "core/cpu_vec.h"
 #include "flow_step/flow_step.h"
 #include "flow_step/flow_step_common.h"
 
 namespace tmd {
 namespace {
 
-constexpr int64_t kGrain = 1 << 14;
+namespace cpu_baseline {
+#include "flow_step/flow_step_cpu_kernels.h"
+}  // namespace cpu_baseline
+#if TMD_CPU_AVX2_BUILD
+TMD_CPU_AVX2_BEGIN
+namespace cpu_avx2 {
+#include "flow_step/flow_step_cpu_kernels.h"
+}  // namespace cpu_avx2
+TMD_CPU_AVX2_END
+#endif
 
 at::Tensor flow_step_cpu(const at::Tensor& y, const at::Tensor& head_out, const at::Tensor& y1,
                          const at::Tensor& s, const at::Tensor& r) {
@@ -21,13 +34,7 @@ at::Tensor flow_step_cpu(const at::Tensor& y, const at::Tensor& head_out, const 
     FlowStepParams<scalar_t, acc_t> p{yc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
                                       y1c.data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
                                       out.data_ptr<scalar_t>(), batch, per};
-    at::parallel_for(0, batch * per, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t ci = p.c[i / p.per_sample];
-        p.out[i] = static_cast<scalar_t>(flow_step_elem<acc_t>(
-            static_cast<acc_t>(p.y[i]), static_cast<acc_t>(p.head_out[i]), static_cast<acc_t>(p.y1[i]), ci));
-      }
-    });
+    TMD_CPU_CALL(forward_kernel, p);
   });
   return out;
 }
@@ -42,13 +49,7 @@ std::tuple<at::Tensor, at::Tensor> flow_step_backward_cpu(const at::Tensor& grad
     using acc_t = at::opmath_type<scalar_t>;
     FlowStepBackwardParams<scalar_t, acc_t> p{g.data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
                                               gh.data_ptr<scalar_t>(), gy1.data_ptr<scalar_t>(), batch, per};
-    at::parallel_for(0, batch * per, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t gi = static_cast<acc_t>(p.grad_out[i]) * p.c[i / p.per_sample];
-        p.grad_head_out[i] = static_cast<scalar_t>(gi);
-        p.grad_y1[i] = static_cast<scalar_t>(-gi);
-      }
-    });
+    TMD_CPU_CALL(backward_kernel, p);
   });
   return {gh, gy1};
 }

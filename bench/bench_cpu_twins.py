@@ -1,0 +1,139 @@
+"""The CPU kernels of every op against the eager reference and ``torch.compile`` of the reference, at
+one token shape shared by all ops (default ``1x1024x1536``; ``gated_fusion_linear`` at
+``1x1024x512x512``, its GEMM being the cost), in bf16 and fp32, forward and forward+backward, under
+each thread count of ``--threads``. It reuses each op benchmark's ``add_cases`` (bench/bench_<op>.py),
+so the bytes models and providers are those of the op benchmarks. ``--save`` writes
+``bench/results/cpu-twins-<date>.json`` and a Markdown table next to it, with the machine, the
+thread counts, the load average before and after each run and the torch version.
+
+On a shared machine the medians move with the load (a call preempted by another process waits a
+whole scheduler slice): ``--stat min`` reports the fastest of ``--reps`` calls instead, the time of
+a call that ran undisturbed, and ``--clock cpu`` the CPU time of the calling thread (meaningful with
+one thread only). Read the load columns."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+
+import bench_adaln_modulate
+import bench_flow_step
+import bench_gated_fusion
+import bench_gated_fusion_linear
+import bench_meanflow_fd_loss
+import common
+import torch
+from common import RESULTS, Table, dtypes_from, parser
+
+import tmd_ext
+
+OPS = {
+    "adaln_modulate": bench_adaln_modulate.add_cases,
+    "flow_step": bench_flow_step.add_cases,
+    "gated_fusion": bench_gated_fusion.add_cases,
+    "gated_fusion_linear": bench_gated_fusion_linear.add_cases,
+    "meanflow_fd_loss": bench_meanflow_fd_loss.add_cases,
+}
+
+
+def shape_of(op: str, small: bool) -> tuple[int, ...]:
+    if op == "gated_fusion_linear":
+        return (1, 64, 48, 40) if small else (1, 1024, 512, 512)
+    return (1, 64, 48) if small else (1, 1024, 1536)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# CPU kernels vs eager and torch.compile ({result['date']})", "",
+             f"{result['cpu']}, {os.cpu_count()} logical CPUs; torch {result['torch']}; "
+             f"tmd_ext build {json.dumps(result['build_info'])}", "",
+             f"ms: {result['stat']} {result['clock']} time of {result['reps']} calls; "
+             "x eager / x compile: provider time over tmd time (> 1: tmd faster); "
+             "load: 1-minute load average before / after the run.", ""]
+    for run in result["runs"]:
+        lines += [f"## {run['threads']} thread(s), op {run['op']}, load {run['load_before']:.2f} / "
+                  f"{run['load_after']:.2f}", "",
+                  "| case | tmd ms | eager ms | compile ms | x eager | x compile |", "|---|---|---|---|---|---|"]
+        by_case: dict[str, dict[str, float]] = {}
+        for r in run["rows"]:
+            by_case.setdefault(r["case"], {})[r["provider"]] = r["ms"]
+        for case, ms in by_case.items():
+            t, e, c = ms.get("tmd"), ms.get("eager"), ms.get("compile")
+            fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+            ratio = lambda v: f"{v / t:.2f}" if v is not None and t else "-"  # noqa: E731
+            lines.append(f"| {case} | {fmt(t)} | {fmt(e)} | {fmt(c)} | {ratio(e)} | {ratio(c)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def timer(stat: str, clock: str):
+    """A CPU replacement of common.time_ms: ``stat`` (median or min) of ``reps`` calls on ``clock``
+    (wall: perf_counter; cpu: thread_time of the calling thread)."""
+    now = time.thread_time if clock == "cpu" else time.perf_counter
+    pick = min if stat == "min" else statistics.median
+
+    def time_ms(fn, device, reps=None, warmup=3, graph=False) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps or 10):
+            t0 = now()
+            fn()
+            times.append((now() - t0) * 1e3)
+        return pick(times)
+    return time_ms
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--threads", default=None, help="comma list of torch thread counts (default: the current one)")
+    p.add_argument("--ops", default=",".join(OPS), help="comma list among " + ",".join(OPS))
+    p.add_argument("--stat", choices=["median", "min"], default="median")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    args = p.parse_args()
+    common.time_ms = timer(args.stat, args.clock)
+    if args.device != "cpu":
+        print("bench_cpu_twins: CPU only (pass --device cpu); nothing to do on", args.device)
+        return
+    runs = []
+    counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    for threads in counts:
+        torch.set_num_threads(threads)
+        for op in args.ops.split(","):
+            table = Table(f"{op} ({threads} thread{'s' if threads > 1 else ''})", "cpu")
+            load_before = os.getloadavg()[0]
+            for dt in dtypes_from(args.dtypes, ["bf16", "fp32"]):
+                OPS[op](table, shape_of(op, args.small), dt, not args.no_compile, args.reps)
+            load_after = os.getloadavg()[0]
+            table.print()
+            print(f"load average {load_before:.2f} -> {load_after:.2f}")
+            runs.append({"op": op, "threads": threads, "load_before": load_before, "load_after": load_after,
+                         "rows": table.rows})
+    if args.save:
+        now = _dt.datetime.now(_dt.timezone.utc)
+        result = {"bench": "cpu_twins", "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+                  "torch": torch.__version__, "date": now.isoformat(timespec="seconds"),
+                  "build_info": tmd_ext.build_info(), "reps": args.reps or 10, "stat": args.stat,
+                  "clock": args.clock, "runs": runs}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"cpu-twins-{now:%Y%m%d-%H%M}.json"
+        path.write_text(json.dumps(result, indent=1))
+        path.with_suffix(".md").write_text(markdown(result))
+        print(f"saved {path} and {path.with_suffix('.md').name}")
+
+
+if __name__ == "__main__":
+    main()
