@@ -114,17 +114,8 @@ def kernel_ms(fn: Callable[[], object], device: str, reps: int = 5) -> float | N
         return None
 
 
-def time_cuda(fn: Callable[[], object], device: str, reps: int | None = None, warmup: int = 3,
-              graph: bool = True) -> dict:
-    """``{"ms", "graph", "kernel_ms"}``: median event time of ``fn`` (of its CUDA-graph replay when
-    ``graph`` and it can be captured), L2 flushed by reading before each repetition, and the
-    profiler's kernel time per call."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    g = capture_graph(fn, device) if graph else None
-    run = g.replay if g is not None else fn
-    reps = reps or 50
+def _event_median_ms(run: Callable[[], object], device: str, reps: int) -> float:
+    """Median CUDA-event time of ``run`` over ``reps`` calls, the L2 flushed by reading before each one."""
     times = []
     for _ in range(reps):
         flush_l2(device)
@@ -134,7 +125,20 @@ def time_cuda(fn: Callable[[], object], device: str, reps: int | None = None, wa
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return {"ms": statistics.median(times), "graph": g is not None, "kernel_ms": kernel_ms(fn, device)}
+    return statistics.median(times)
+
+
+def time_cuda(fn: Callable[[], object], device: str, reps: int | None = None, warmup: int = 3,
+              graph: bool = True) -> dict:
+    """``{"ms", "graph", "kernel_ms"}``: median event time of ``fn`` (of its CUDA-graph replay when
+    ``graph`` and it can be captured), L2 flushed by reading before each repetition, and the
+    profiler's kernel time per call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    g = capture_graph(fn, device) if graph else None
+    ms = _event_median_ms(g.replay if g is not None else fn, device, reps or 50)
+    return {"ms": ms, "graph": g is not None, "kernel_ms": kernel_ms(fn, device)}
 
 
 def time_ms(fn: Callable[[], object], device: str, reps: int | None = None, warmup: int = 3,
@@ -148,17 +152,7 @@ def time_ms(fn: Callable[[], object], device: str, reps: int | None = None, warm
         for _ in range(warmup):
             fn()
         sync(device)
-        reps = reps or 50
-        times = []
-        for _ in range(reps):
-            flush_l2(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return _event_median_ms(fn, device, reps or 50)
     for _ in range(warmup):
         fn()
     reps = reps or 10
