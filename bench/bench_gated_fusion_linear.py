@@ -6,9 +6,13 @@ fp32-upcast operands); compile (torch.compile of the reference); autotune (the s
 max-autotune GEMM templates and the epilogue fused into them; CUDA only, ``--autotune``); unfused
 (torch.nn.functional.linear in the input dtype, i.e. cuBLAS, followed by tmd_ext.gated_fusion);
 cublas (the bare F.linear GEMM, forward only: the floor the fused epilogue is judged against,
-goal tmd ≤ 1.05 × cublas). The last lines print tmd's speed-up over unfused and its time over the
-bare GEMM per case (also saved as vs_unfused, over_cublas)."""
+goal tmd ≤ 1.05 × cublas); on an sm_90a build on compute capability 9.0, also tmd_pingpong and
+tmd_128x256 (forward, bf16: the CUTLASS kernel with TMD_GFL_SM90_SCHEDULE=pingpong or
+cooperative_128x256 instead of the default cooperative 128x128 tiles). The last lines print tmd's
+speed-up over unfused and its time over the bare GEMM per case (also saved as vs_unfused, over_cublas)."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,30 @@ from common import Table, dtype_name, dtypes_from, fwd_bwd, maybe_compile, parse
 
 import tmd_ext
 from tmd_ext import reference
+
+#: The alternative sm90 schedules (csrc/gated_fusion_linear/gated_fusion_linear_sm90.cu) and their provider names.
+SM90_SCHEDULES = {"tmd_pingpong": "pingpong", "tmd_128x256": "cooperative_128x256"}
+
+
+def sm90_kernels_here(device: str) -> bool:
+    """Whether the CUTLASS sm_90a kernels can run here (an sm_90a build on a compute capability 9.0 device)."""
+    return (device.startswith("cuda") and tmd_ext.build_info()["cutlass_sm90"]
+            and torch.cuda.get_device_capability(torch.device(device)) == (9, 0))
+
+
+def with_schedule(schedule: str, fn):
+    """fn run with TMD_GFL_SM90_SCHEDULE=schedule (read by the op at every call), restored after."""
+    def run(*args):
+        old = os.environ.get("TMD_GFL_SM90_SCHEDULE")
+        os.environ["TMD_GFL_SM90_SCHEDULE"] = schedule
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ["TMD_GFL_SM90_SCHEDULE"]
+            else:
+                os.environ["TMD_GFL_SM90_SCHEDULE"] = old
+    return run
 
 
 def unfused(m, x, weight, bias, gate, alpha, residual):
@@ -50,8 +78,10 @@ def add_cases(table: Table, shape: tuple[int, int, int, int], dt: torch.dtype, c
 
     ref_c = maybe_compile(reference.gated_fusion_linear, compile)
     ref_a = maybe_compile(reference.gated_fusion_linear, autotune, mode="max-autotune-no-cudagraphs")
+    schedules = SM90_SCHEDULES if dt == torch.bfloat16 and sm90_kernels_here(dev) else {}
     table.add_case(case + " fwd", flop, {
         "tmd": call(tmd_ext.gated_fusion_linear),
+        **{name: call(with_schedule(sched, tmd_ext.gated_fusion_linear)) for name, sched in schedules.items()},
         "eager": call(reference.gated_fusion_linear),
         "compile": call(ref_c),
         "autotune": call(ref_a),
@@ -96,9 +126,9 @@ def main() -> None:
     table.print()
     annotate(table)
     for r in table.rows:
-        if r["provider"] == "tmd":
+        if r["provider"] == "tmd" or r["provider"] in SM90_SCHEDULES:
             over = f", {r['over_cublas']:.3f}x the bare GEMM" if r["over_cublas"] is not None else ""
-            print(f"{r['case']:<34} tmd vs unfused: {r['vs_unfused']:.2f}x{over}")
+            print(f"{r['case']:<34} {r['provider']} vs unfused: {r['vs_unfused']:.2f}x{over}")
     if args.save:
         table.save()
 

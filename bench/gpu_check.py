@@ -316,12 +316,23 @@ def sanitize_cases(device: str) -> list[tuple[str, Callable[[], None]]]:
             flow_loop(y1, (a,))
         sync()
 
+    def scheduled(schedule, run):
+        def wrapped():
+            os.environ["TMD_GFL_SM90_SCHEDULE"] = schedule
+            try:
+                run()
+            finally:
+                os.environ.pop("TMD_GFL_SM90_SCHEDULE", None)
+        return wrapped
+
     bf = torch.bfloat16
     return [
         ("adaln_modulate bf16 D=1536", adaln(bf, 1536)), ("adaln_modulate fp32 D=67", adaln(torch.float32, 67)),
         ("gated_fusion bf16", gated(bf)), ("gated_fusion fp32", gated(torch.float32)),
         ("gated_fusion_linear bf16 (CUTLASS on sm_90a)", gfl(bf, 40, 64, 32, False)),
         ("gated_fusion_linear bf16 + residual", gfl(bf, 40, 64, 32, True)),
+        ("gated_fusion_linear bf16 + residual, pingpong", scheduled("pingpong", gfl(bf, 40, 64, 32, True))),
+        ("gated_fusion_linear bf16 + residual, 128x256", scheduled("cooperative_128x256", gfl(bf, 300, 264, 32, True))),
         ("gated_fusion_linear fp32 odd K (fallback)", gfl(torch.float32, 9, 12, 7, True)),
         ("flow_step bf16", flow(bf)), ("meanflow_fd_loss fp32", meanflow(torch.float32)),
         ("meanflow_fd_loss bf16", meanflow(bf)), ("FlowHeadLoop", head_loop),

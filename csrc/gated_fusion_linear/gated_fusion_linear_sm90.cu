@@ -1,5 +1,5 @@
 // The sm_90a CUTLASS path of gated_fusion_linear: one batched TMA + WGMMA GEMM (CUTLASS 3.x
-// CollectiveBuilder, warp-specialized cooperative persistent kernel) whose epilogue visitor tree
+// CollectiveBuilder, warp-specialized persistent kernel, cooperative by default) whose epilogue visitor tree
 // (EVT) applies the gated fusion, so z = x·Wᵀ + b never goes to memory:
 //   out[b,t,d] = m[b,t,d] + lam[b,d] * (acc[b,t,d] + bias[d] + e[b,t,d] - m[b,t,d]),
 //   acc[b,t,d] = sum_k x[b,t,k] * weight[d,k]   (fp32 accumulation, fp32 epilogue math).
@@ -32,6 +32,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -65,21 +67,52 @@ using cute::_1;
 using cute::_2;
 using cute::_64;
 using cute::_128;
+using cute::_256;
 
-// CTA tile 128x128x64: one 64-deep K step of bf16/fp16 is a 128-byte row, the widest TMA/WGMMA
-// 128B swizzle; A+B take 32 KB per stage, leaving room for ~6 mainloop stages next to the
-// epilogue's C/D staging buffers in 227 KB of shared memory. The cooperative schedule splits it
-// over two consumer warpgroups (64x128 fp32 accumulators each, 64 registers/thread), leaving
-// registers for the EVT. With T = 32760 and D, K in {1536, 5120} there are thousands of tiles,
-// so the persistent scheduler keeps all SMs busy and the 128-wide N tile divides D exactly.
-using TileShape = cute::Shape<_128, _128, _64>;
+// The default schedule, "cooperative": CTA tile 128x128x64: one 64-deep K step of bf16/fp16 is a
+// 128-byte row, the widest TMA/WGMMA 128B swizzle; A+B take 32 KB per stage, leaving room for ~6
+// mainloop stages next to the epilogue's C/D staging buffers in 227 KB of shared memory. The
+// cooperative schedule splits it over two consumer warpgroups (64x128 fp32 accumulators each, 64
+// registers/thread), leaving registers for the EVT. With T = 32760 and D, K in {1536, 5120} there
+// are thousands of tiles, so the persistent scheduler keeps all SMs busy and the 128-wide N tile
+// divides D exactly. Its cost: both warpgroups finish a tile together and then run its epilogue
+// together, so the tensor cores idle during every epilogue.
+//
+// Two alternatives, compiled for the model's path only (bf16 with bias and residual) and chosen at
+// run time by TMD_GFL_SM90_SCHEDULE, so that the first GPU run can measure them against the default
+// (bench/bench_gated_fusion_linear.py times all three):
+//   "pingpong"            64x128x64 tiles, KernelTmaWarpSpecializedPingpong: each consumer
+//                         warpgroup owns a whole tile, and one's epilogue overlaps the other's
+//                         mainloop (CUTLASS's answer to the serialised epilogue).
+//   "cooperative_128x256" 128x256x64 cooperative tiles: half the epilogue visits per FLOP and A
+//                         read once per 256 columns; 128 accumulator registers per thread.
+// Every other case (fp16, no bias, no residual) always uses "cooperative".
+enum class Schedule { kCooperative, kPingpong, kCooperativeWide };
+
+template <Schedule S>
+struct ScheduleTraits {  // kCooperative
+  using TileShape = cute::Shape<_128, _128, _64>;
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+template <>
+struct ScheduleTraits<Schedule::kPingpong> {
+  using TileShape = cute::Shape<_64, _128, _64>;
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+};
+template <>
+struct ScheduleTraits<Schedule::kCooperativeWide> {
+  using TileShape = cute::Shape<_128, _256, _64>;
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+
 // Cluster 2x1: the two CTAs of a cluster work on vertically adjacent tiles of the same weight
 // columns, so the weight tile is loaded once and TMA-multicast to both (half the weight traffic
 // out of L2). The M-tile count per batch is rounded up to even: for T = 32760 it already is
 // (256 tiles); for a small odd count it costs one idle tile per batch.
 using ClusterShape = cute::Shape<_2, _1, _1>;
-using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 
 using LayoutA = cutlass::layout::RowMajor;                 // x: (M,K,L) strides (K, 1, T*K)
 using StrideB = cute::Stride<int64_t, _1, _0>;             // weight: (N,K,L) strides (K, 1, 0)
@@ -87,8 +120,11 @@ using LayoutC = cutlass::layout::RowMajor;                 // m, out: (M,N,L) st
 using StrideLam = cute::Stride<_0, _1, int64_t>;           // lam: (M,N,L) strides (0, 1, D)
 using StrideBias = cute::Stride<_0, _1, _0>;               // bias: (M,N,L) strides (0, 1, 0)
 
-template <typename Element, bool kHasBias, bool kHasResidual = false>
+template <typename Element, bool kHasBias, bool kHasResidual = false, Schedule kSchedule = Schedule::kCooperative>
 struct GatedFusionLinearGemm {
+  using TileShape = typename ScheduleTraits<kSchedule>::TileShape;
+  using KernelSchedule = typename ScheduleTraits<kSchedule>::Kernel;
+  using EpilogueSchedule = typename ScheduleTraits<kSchedule>::Epilogue;
   static_assert(kHasBias || !kHasResidual, "the residual variant carries the bias node (null bias: zeros)");
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
   static constexpr int kAlign = 16 / sizeof(Element);  // 16-byte TMA alignment, in elements
@@ -220,6 +256,16 @@ bool aligned16(const at::Tensor& t) {
 
 bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
 
+// TMD_GFL_SM90_SCHEDULE, read at every call (a getenv, so a benchmark can switch it between cases).
+Schedule requested_schedule() {
+  const char* v = std::getenv("TMD_GFL_SM90_SCHEDULE");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "cooperative") == 0) return Schedule::kCooperative;
+  if (std::strcmp(v, "pingpong") == 0) return Schedule::kPingpong;
+  if (std::strcmp(v, "cooperative_128x256") == 0) return Schedule::kCooperativeWide;
+  TORCH_CHECK(false, "TMD_GFL_SM90_SCHEDULE='", v,
+              "': expected one of cooperative (the default), pingpong, cooperative_128x256");
+}
+
 }  // namespace
 #endif  // TMD_GFL_SM90_KERNELS
 
@@ -287,8 +333,16 @@ bool gated_fusion_linear_sm90(const at::Tensor& m, const at::Tensor& x, const at
   }
 
   const c10::cuda::CUDAGuard guard(m.device());
+  const Schedule schedule = requested_schedule();
   if (dtype == at::kBFloat16) {
     using E = cutlass::bfloat16_t;
+    if (e != nullptr && b != nullptr && schedule == Schedule::kPingpong) {
+      return GatedFusionLinearGemm<E, true, true, Schedule::kPingpong>::run(m, x, weight, b, e, lam, out);
+    }
+    if (e != nullptr && b != nullptr && schedule == Schedule::kCooperativeWide) {
+      return GatedFusionLinearGemm<E, true, true, Schedule::kCooperativeWide>::run(m, x, weight, b, e, lam,
+                                                                                   out);
+    }
     if (e != nullptr) return GatedFusionLinearGemm<E, true, true>::run(m, x, weight, b, e, lam, out);
     if (b != nullptr) return GatedFusionLinearGemm<E, true>::run(m, x, weight, b, nullptr, lam, out);
     return GatedFusionLinearGemm<E, false>::run(m, x, weight, nullptr, nullptr, lam, out);

@@ -9,7 +9,6 @@ to ``steps``. Writes ``OUT/done``; exits with ``os._exit(0)`` after tearing the 
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,9 @@ import torch.distributed as dist
 from tmd_train.engine.config import load_config
 from tmd_train.engine.trainer import fit
 from tmd_train.methods import Stage2Config, build_method
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/, for support.dist
+from support.dist import finish  # noqa: E402
 
 
 def main() -> None:
@@ -32,10 +34,7 @@ def main() -> None:
     fit(resumed, resume="latest")
     if resumed.is_main:
         (out / "done").write_text(f"{resumed.step}\n")
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":

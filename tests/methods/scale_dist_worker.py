@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,9 @@ from tmd_train.engine.config import load_config
 from tmd_train.engine.distributed import local_tensor
 from tmd_train.methods import Stage2Config, build_method
 from tmd_train.methods.tm_meanflow import Stage1Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/, for support.dist
+from support.dist import finish  # noqa: E402
 
 
 def full(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -64,10 +66,7 @@ def main() -> None:
         save_file(final, str(out / "final.safetensors"))
         save_file(s1, str(out / "stage1.safetensors"))
         (out / "bf16.json").write_text(json.dumps(logs))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":

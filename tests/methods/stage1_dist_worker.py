@@ -9,7 +9,6 @@ group down (gloo sometimes aborts at interpreter exit otherwise).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,9 @@ from torch.distributed.tensor import DTensor
 from tmd_train.engine.config import load_config
 from tmd_train.engine.trainer import fit
 from tmd_train.methods import Stage1Config, build_method
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/, for support.dist
+from support.dist import finish  # noqa: E402
 
 
 def main() -> None:
@@ -37,10 +39,7 @@ def main() -> None:
     fit(trainer)
     if trainer.is_main:
         (out / "done").write_text(f"{trainer.step}\n")
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/, for support.tiny
+from support.dist import finish  # noqa: E402
 from support.tiny import TEXT_LEN, TINY_CONFIG, randomize_zero_init, tiny_inputs, tiny_teacher  # noqa: E402
 
 from tmd_train.engine.distributed import shard_fsdp2  # noqa: E402
@@ -57,10 +57,7 @@ def main() -> None:
         result["reference"].append(ref["loss"].item())
     result["head_rows"] = rows
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":

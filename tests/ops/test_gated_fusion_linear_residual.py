@@ -188,6 +188,27 @@ def test_cuda_residual_epilogue(shape, dtype, bias, gen):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("schedule", ["pingpong", "cooperative_128x256"])
+@pytest.mark.parametrize("shape", [(1, 4096, 1536, 1536), (2, 333, 5120, 1536), (3, 130, 264, 72)])
+def test_cuda_sm90_schedules(shape, schedule, gen, monkeypatch):
+    """TMD_GFL_SM90_SCHEDULE: the alternative CUTLASS schedules of the model's path (bf16, bias, residual)
+    run a kernel other than the default one and compute the same function; a bad value is an error naming
+    the variable."""
+    if not _sm90_build():
+        pytest.skip("the CUTLASS sm_90a kernels run on an sm_90a build on compute capability 9.0 only")
+    args = inputs(shape, torch.bfloat16, "cuda", gen)
+    box = {}
+    default = _gemm_kernels(lambda: box.setdefault("default", call(tmd_ext.gated_fusion_linear, args)))
+    monkeypatch.setenv("TMD_GFL_SM90_SCHEDULE", schedule)
+    names = _gemm_kernels(lambda: box.setdefault("out", call(tmd_ext.gated_fusion_linear, args)))
+    assert names and default and set(names) != set(default), (names, default)
+    _oracle(box["out"], args)
+    monkeypatch.setenv("TMD_GFL_SM90_SCHEDULE", "fastest")
+    with pytest.raises(RuntimeError, match="TMD_GFL_SM90_SCHEDULE='fastest'"):
+        call(tmd_ext.gated_fusion_linear, args)
+
+
+@pytest.mark.cuda
 def test_cuda_residual_misaligned_declines(gen):
     """A residual one element into its buffer (not 16-byte aligned): the sm90 path declines and
     the generic path gives the same function."""
