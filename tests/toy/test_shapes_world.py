@@ -47,7 +47,7 @@ def test_prompt_round_trip_and_two_objects():
 
 
 @pytest.mark.parametrize("bad", ["a red circle moving", "a red circle moves left", "a red blob moving left",
-                                 "a red circle moving left a blue square moving up",
+                                 "a red circle moving left a blue ring moving up",
                                  "a red circle moving left and"])
 def test_parse_errors(bad):
     with pytest.raises(ValueError):
@@ -86,18 +86,22 @@ def test_motion_is_smooth_and_visible(direction):
 
 
 def test_shapes_differ_in_geometry():
-    """Square fills its bounding box, the circle ~pi/4 of it, the triangle about half."""
+    """The bar fills its bounding box and is ~2.5 times as wide as tall; the circle fills ~pi/4 of its box;
+    the ring has a hole: its centre pixel is background."""
     cfg = WorldConfig()
-    fill = {}
+    fill, aspect, filled_centre = {}, {}, {}
     for shape in world.SHAPES:
         video = world.render([ObjectSpec(shape, "red", "right")], world.clip_generator(5, 0), cfg)
         mask = _object_mask(video, "red")[0]
         rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
         box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
         fill[shape] = mask.sum().item() / box.item()
-    assert fill["square"] > 0.85
-    assert 0.65 < fill["circle"] < 0.85
-    assert 0.35 < fill["triangle"] < 0.62
+        aspect[shape] = (cols.max() - cols.min() + 1).item() / (rows.max() - rows.min() + 1).item()
+        centre = (rows.min() + (rows.max() - rows.min()) // 2, cols.min() + (cols.max() - cols.min()) // 2)
+        filled_centre[shape] = bool(mask[centre])
+    assert fill["bar"] > 0.85 and aspect["bar"] > 2.0
+    assert 0.65 < fill["circle"] < 0.85 and 0.8 < aspect["circle"] < 1.25 and filled_centre["circle"]
+    assert fill["ring"] < 0.65 and 0.8 < aspect["ring"] < 1.25 and not filled_centre["ring"]
 
 
 def test_first_object_is_painted_on_top():
@@ -105,7 +109,7 @@ def test_first_object_is_painted_on_top():
     cfg = WorldConfig()
     coords = torch.arange(cfg.size, dtype=torch.float64) + 0.5
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
-    first, second = ObjectSpec("square", "yellow", "left"), ObjectSpec("square", "blue", "right")
+    first, second = ObjectSpec("bar", "yellow", "left"), ObjectSpec("bar", "blue", "right")
     overlaps = 0
     for i in range(30):
         g = world.clip_generator(21, i)
@@ -143,7 +147,7 @@ def test_config_validation():
 
 
 def test_render_prompts_matches_attributes():
-    prompts = ["a green square moving down", "a red triangle moving left and a blue circle moving up"]
+    prompts = ["a green bar moving down", "a red ring moving left and a blue circle moving up"]
     videos = world.render_prompts(prompts, seed=9)
     assert videos.shape == (2, 3, 8, 32, 32)
     assert _object_mask(videos[0], "green").sum() > 100

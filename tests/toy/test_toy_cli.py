@@ -28,7 +28,7 @@ from tmd_train import (
 from tmd_train.toy import TOY_TEACHER_DIR, text_encoder, tinybench
 from tmd_train.toy.clips import make_batch, sample_prompts
 
-PROMPTS = ["a red circle moving left", "a blue square moving up and a green triangle moving down"]
+PROMPTS = ["a red circle moving left", "a blue bar moving up and a green ring moving down"]
 SCALE = 2
 GRID = (2 * (32 + 2) - 2, 8 * (32 + 2) - 2)  # a row per prompt, 8 frames, 2 px apart; before upscaling
 

@@ -11,7 +11,7 @@ from tmd_train.toy import text_encoder as te
 
 
 def test_shapes_and_mask():
-    emb, mask = te.encode(["a red circle moving left", "a blue square moving up and a green triangle moving down"])
+    emb, mask = te.encode(["a red circle moving left", "a blue bar moving up and a green ring moving down"])
     assert emb.shape == (2, te.L_TEXT, te.TEXT_DIM) and emb.dtype == torch.float32
     assert mask.shape == (2, te.L_TEXT) and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [5, 11]
@@ -22,9 +22,9 @@ def test_shapes_and_mask():
 
 def test_embedding_formula():
     """e[p] = W[token] + P[p] with the documented sinusoidal P."""
-    emb, _ = te.encode("a green triangle moving right")
+    emb, _ = te.encode("a green ring moving right")
     table, _ = te._tables()
-    words = "a green triangle moving right".split()
+    words = "a green ring moving right".split()
     for p, w in enumerate(words):
         pe = torch.tensor([math.sin(p / 10000 ** (i / te.TEXT_DIM)) if i % 2 == 0
                            else math.cos(p / 10000 ** ((i - 1) / te.TEXT_DIM)) for i in range(te.TEXT_DIM)],
@@ -63,7 +63,7 @@ def test_table_is_fixed():
 
 
 @pytest.mark.parametrize("bad", ["a purple circle moving left", "a red circle, moving left", "<pad>",
-                                 "a red circle moving left and a blue square moving up and a red"])
+                                 "a red circle moving left and a blue bar moving up and a red"])
 def test_errors(bad):
     with pytest.raises(ValueError, match="unknown word|at most"):
         te.encode(bad)
@@ -77,5 +77,5 @@ def test_not_a_string():
 def test_vocabulary_covers_the_world():
     words = {"a", "moving", "and", *world.SHAPES, *world.COLOURS, *world.DIRECTIONS}
     assert words == set(te.VOCAB[1:])
-    longest = "a yellow triangle moving right and a yellow triangle moving right"
+    longest = "a yellow ring moving right and a yellow ring moving right"
     assert len(te.tokenize(longest)) <= te.L_TEXT

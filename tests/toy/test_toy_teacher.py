@@ -97,8 +97,8 @@ def test_shipped_teacher_follows_prompts():
     """A few guided samples: the evaluator reads the prompted attributes far above chance (~1/3)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     teacher = load_teacher(require_toy_teacher()).eval()
-    prompts = ["a red circle moving left", "a blue square moving up", "a green triangle moving right",
-               "a yellow circle moving down", "a blue triangle moving left", "a red square moving down"]
+    prompts = ["a red circle moving left", "a blue bar moving up", "a green ring moving right",
+               "a yellow circle moving down", "a blue ring moving left", "a red bar moving down"]
     text, _ = text_encoder.encode(prompts)
     neg = text_encoder.encode_negative()[0].unsqueeze(0)
     out = sample_teacher(teacher, text, negative_text=neg, shape=(len(prompts), *TOY_CLIP_SHAPE),

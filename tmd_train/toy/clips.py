@@ -4,17 +4,20 @@ A clip is ``[3, F, H, W]`` RGB in ``[-1, 1]`` (float32), by default ``F = 8`` fr
 pixels — small enough that a tiny teacher trains on a CPU. It shows one object (or, with
 probability ``p_two``, two) moving in a straight line at a constant speed over a dark background:
 
-* shape ∈ {circle, square, triangle}, colour ∈ {red, green, blue, yellow},
+* shape ∈ {circle, bar, ring}, colour ∈ {red, green, blue, yellow},
   direction ∈ {left, right, up, down} (image coordinates: "up" is towards row 0);
-* size ``r ~ U[4, 6]`` px (circle radius; square half-side ``0.85·r``; upward equilateral triangle
-  with inradius ``0.6·r``), speed ``~ U[1.25, 2]`` px/frame, fixed per object; the start is drawn so
+* size ``r ~ U[4, 6]`` px: a circle is a disc of radius ``r``; a bar a horizontal rectangle of half-sides
+  ``1.15·r × 0.45·r``; a ring an annulus of radii ``0.53·r … 1.17·r``. The three differ at low spatial
+  frequency (a bar's aspect, a ring's hole of 4–6 px), which a 4×4-pixel patch token sees; an earlier
+  circle / square / triangle world differed only at the corners, and a ~2 M-parameter teacher never
+  learnt to draw the shape its prompt named. Speed ``~ U[1.25, 2]`` px/frame, fixed per object; the start is drawn so
   the whole object stays inside the frame, at least 1 px from the border, for the whole clip;
 * background: a dark colour (each channel ``U[0.02, 0.18]`` in [0, 1] units) plus a linear
   gradient (random direction, amplitude ``U[0, 0.12]``) plus static per-pixel noise (std 0.03);
 * shapes are anti-aliased (coverage ``clamp(0.5 - sdf, 0, 1)`` at pixel centres); with two objects
   the first object (the first phrase of the prompt) is painted on top, and the two have different colours.
 
-Prompts: ``"a red circle moving left"`` or ``"a red circle moving left and a blue square moving up"``.
+Prompts: ``"a red circle moving left"`` or ``"a red circle moving left and a blue ring moving up"``.
 Everything is deterministic: clip ``i`` of seed ``s`` draws from a CPU ``torch.Generator`` seeded by
 ``numpy.random.SeedSequence([s, i])``, so ``make_batch(n, s)`` is a prefix of ``make_batch(n + k, s)``.
 
@@ -37,7 +40,7 @@ from ..data.format import INDEX_FILE, DatasetWriter
 from ..errors import ArgumentParser, OutputError, check_output_dir, run_main
 from . import text_encoder
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SHAPES: tuple[str, ...] = ("circle", "bar", "ring")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 ATTRIBUTES: tuple[tuple[str, ...], ...] = (SHAPES, COLOURS, DIRECTIONS)
@@ -52,12 +55,15 @@ COLOUR_RGB: dict[str, tuple[float, float, float]] = {
 }
 #: Unit motion (dx, dy) in image coordinates (x = column, y = row, row 0 at the top).
 DIRECTION_XY: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-#: Half-extent of each shape in units of r (the triangle's circumradius is 2 · 0.6 r).
+#: Half-extent of each shape in units of r (the ring's outer radius is 1.17 r, the bar's half-width 1.15 r).
 EXTENT = 1.2
-SQUARE_HALF = 0.85
+#: The bar's half-width and half-height in units of r.
+BAR_HALF = (1.15, 0.45)
+#: The ring's mid-line radius and half-thickness in units of r (radii 0.53 r … 1.17 r).
+RING_RADIUS = 0.85
+RING_HALF_WIDTH = 0.32
 #: Minimum gap in px between an object's extent and the frame border (anti-aliasing reaches 0.5 px out).
 MARGIN = 1.0
-TRIANGLE_INRADIUS = 0.6
 
 
 @dataclass(frozen=True)
@@ -195,11 +201,10 @@ def _object_layer(obj: ObjectSpec, g: torch.Generator, config: WorldConfig, xx: 
     py = yy - (cy0 + dy * speed * f)
     if obj.shape == "circle":
         sdf = torch.hypot(px, py) - r
-    elif obj.shape == "square":
-        sdf = torch.maximum(px.abs(), py.abs()) - SQUARE_HALF * r
-    else:  # upward equilateral triangle about its centroid; outward edge normals at 90°, 210°, 330°
-        s3 = math.sqrt(3.0) / 2
-        sdf = torch.maximum(torch.maximum(py, s3 * px - 0.5 * py), -s3 * px - 0.5 * py) - TRIANGLE_INRADIUS * r
+    elif obj.shape == "bar":
+        sdf = torch.maximum(px.abs() - BAR_HALF[0] * r, py.abs() - BAR_HALF[1] * r)
+    else:  # ring
+        sdf = (torch.hypot(px, py) - RING_RADIUS * r).abs() - RING_HALF_WIDTH * r
     return (0.5 - sdf).clamp(0.0, 1.0)
 
 

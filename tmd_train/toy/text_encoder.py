@@ -15,7 +15,7 @@ as Wan's pipeline zero-pads the umT5 embeddings beyond each prompt's length (dif
 transformer takes no text mask). The empty prompt ``""`` is therefore the all-zero embedding with
 an all-False mask: the toy world's negative / unconditional prompt.
 
-``L_TEXT = 12`` holds the longest world prompt, "a red circle moving left and a blue square moving up"
+``L_TEXT = 12`` holds the longest world prompt, "a red circle moving left and a blue ring moving up"
 (11 words); ``TEXT_DIM = 32``.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 #: Token order is part of the encoder's definition: changing it changes every embedding.
 VOCAB: tuple[str, ...] = (
     "<pad>", "a", "moving", "and",
-    "circle", "square", "triangle",
+    "circle", "bar", "ring",
     "red", "green", "blue", "yellow",
     "left", "right", "up", "down",
 )
