@@ -1,7 +1,10 @@
 """Benchmark of tmd_ext.meanflow_fd_loss (forward, and forward+backward w.r.t. u) against the eager
 reference and torch.compile of the reference. Every row takes the finite difference (s != r), so
 every provider must read all four inputs. Bytes model: forward reads u, u_plus, u_minus, v once
-(4 tensors; the [B] outputs are negligible); backward reads the same 4 and writes grad_u (5)."""
+(4 tensors; the [B] outputs are negligible). Forward+backward: in fp32 (fp64) the forward also writes
+Δ, which the backward reads before writing grad_u (4 + 1 + 2 = 7 tensors); in 16-bit dtypes the
+backward reads the 4 inputs again and writes grad_u (4 + 5 = 9), as much traffic as an fp32 Δ would
+cost."""
 from __future__ import annotations
 
 import torch
@@ -38,7 +41,8 @@ def add_cases(table: Table, shape: tuple[int, ...], dt: torch.dtype, compile: bo
     leaf = u.detach().requires_grad_()
     g_loss, g_mse = torch.full((b,), 1.0 / b, device=dev), torch.full((b,), 0.1, device=dev)
     ref_cb = maybe_compile(reference.meanflow_fd_loss, compile)
-    table.add_case(case + " fwd+bwd", 9 * n, {
+    keeps_delta = dt in (torch.float32, torch.float64)
+    table.add_case(case + " fwd+bwd", (7 if keeps_delta else 9) * n, {
         "tmd": fwd_bwd(tmd_ext.meanflow_fd_loss, (leaf, *rest), [leaf], (g_loss, g_mse)),
         "eager": fwd_bwd(reference.meanflow_fd_loss, (leaf, *rest), [leaf], (g_loss, g_mse)),
         "compile": fwd_bwd(ref_cb, (leaf, *rest), [leaf], (g_loss, g_mse)) if ref_cb else None,

@@ -316,14 +316,7 @@ def sanitize_cases(device: str) -> list[tuple[str, Callable[[], None]]]:
             flow_loop(y1, (a,))
         sync()
 
-    def scheduled(schedule, run):
-        def wrapped():
-            os.environ["TMD_GFL_SM90_SCHEDULE"] = schedule
-            try:
-                run()
-            finally:
-                os.environ.pop("TMD_GFL_SM90_SCHEDULE", None)
-        return wrapped
+    from bench_gated_fusion_linear import with_schedule as scheduled  # the bench's own env switch
 
     bf = torch.bfloat16
     return [

@@ -35,4 +35,9 @@ TORCH_LIBRARY(tmd, m) {
   m.def("meanflow_fd_loss(Tensor u, Tensor u_plus, Tensor u_minus, Tensor v, Tensor s, Tensor r, Tensor s_plus, Tensor s_minus, float c) -> (Tensor loss, Tensor mse)");
   // Gradient of meanflow_fd_loss w.r.t. u (the only input with one); recomputes delta, |delta|^2 = mse*d.
   m.def("meanflow_fd_loss_backward(Tensor grad_loss, Tensor grad_mse, Tensor u, Tensor u_plus, Tensor u_minus, Tensor v, Tensor s, Tensor r, Tensor s_plus, Tensor s_minus, Tensor mse, float c) -> Tensor grad_u");
+  // meanflow_fd_loss that also returns delta [B,...] in the opmath dtype (fp32/fp64), for a backward that
+  // reads delta once instead of the four inputs (used when u is fp32 or fp64, where saving delta is exact).
+  m.def("meanflow_fd_loss_delta(Tensor u, Tensor u_plus, Tensor u_minus, Tensor v, Tensor s, Tensor r, Tensor s_plus, Tensor s_minus, float c) -> (Tensor loss, Tensor mse, Tensor delta)");
+  // Gradient w.r.t. u from the saved delta: grad_u = (2*grad_loss/(mse*d+c) + 2*grad_mse/d)[b] * delta, dtype of delta.
+  m.def("meanflow_fd_loss_delta_backward(Tensor grad_loss, Tensor grad_mse, Tensor delta, Tensor mse, float c) -> Tensor grad_u");
 }

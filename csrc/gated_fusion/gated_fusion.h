@@ -30,7 +30,8 @@ TMD_HOST_DEVICE GatedFusionElemGrads<acc_t> gated_fusion_elem_backward(acc_t g, 
 
 // Kernels see raw pointers, never at::Tensor. All tensors contiguous: m, z, out [B,T,D];
 // lam [B,D] in acc_t; bias [D] in scalar_t or null (then z is taken as is). z is scalar_t for
-// gated_fusion and the unrounded acc_t GEMM output for gated_fusion_linear.
+// gated_fusion and the unrounded acc_t GEMM output for gated_fusion_linear, whose residual
+// [B,T,D] (scalar_t, or null) is added in the same pass: z + bias + residual, in that order.
 template <typename scalar_t, typename z_t, typename acc_t>
 struct GatedFusionParams {
   const scalar_t* m;
@@ -41,6 +42,7 @@ struct GatedFusionParams {
   int64_t batch;
   int64_t tokens;
   int64_t dim;
+  const scalar_t* residual = nullptr;
 };
 
 // One fused pass of the backward over grad_out, m, z: writes grad_m (scalar_t) and grad_z (gz_t),

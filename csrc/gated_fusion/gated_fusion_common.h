@@ -88,20 +88,21 @@ void gated_fusion_dispatch_opmath(bool opmath, F&& f) {
 // gated_fusion_cpu.cpp and gated_fusion_cuda.cu (the CUDA ones only in a CUDA build). All tensors
 // contiguous, on one device:
 // m, z, out, grad_out, grad_m, grad_z [B,T,D]; z and grad_z of the dtype of m or its opmath dtype;
-// bias [D] of the dtype of m (added to z) or nullopt; lam [B,D] opmath (gated_fusion_lambda).
+// bias [D] of the dtype of m (added to z) or nullopt; lam [B,D] opmath (gated_fusion_lambda);
+// residual [B,T,D] of the dtype of m, added to z + bias by the forward in the same pass, or nullopt.
 // The backward writes grad_m = g*(1-lam) (dtype of m), grad_z = g*lam, and returns the opmath
 // partial sums [n_chunks,B,D] of g*(z+bias-m) over token chunks (z nullopt: taken as 0), whose
 // sum over chunks feeds gated_fusion_gate_alpha_grads.
 void gated_fusion_elem_forward_cpu(const at::Tensor& m, const at::Tensor& z,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& lam,
-                                   at::Tensor& out);
+                                   at::Tensor& out, const std::optional<at::Tensor>& residual = std::nullopt);
 at::Tensor gated_fusion_elem_backward_cpu(const at::Tensor& grad_out, const at::Tensor& m,
                                           const std::optional<at::Tensor>& z,
                                           const std::optional<at::Tensor>& bias,
                                           const at::Tensor& lam, at::Tensor& grad_m, at::Tensor& grad_z);
 void gated_fusion_elem_forward_cuda(const at::Tensor& m, const at::Tensor& z,
                                     const std::optional<at::Tensor>& bias, const at::Tensor& lam,
-                                    at::Tensor& out);
+                                    at::Tensor& out, const std::optional<at::Tensor>& residual = std::nullopt);
 at::Tensor gated_fusion_elem_backward_cuda(const at::Tensor& grad_out, const at::Tensor& m,
                                            const std::optional<at::Tensor>& z,
                                            const std::optional<at::Tensor>& bias,

@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_fusion_backward
 
 void gated_fusion_elem_forward_cpu(const at::Tensor& m, const at::Tensor& z,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& lam,
-                                   at::Tensor& out) {
+                                   at::Tensor& out, const std::optional<at::Tensor>& residual) {
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2);
   TMD_DISPATCH_FLOATING(m.scalar_type(), "gated_fusion_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -62,7 +62,8 @@ void gated_fusion_elem_forward_cpu(const at::Tensor& m, const at::Tensor& z,
       using z_t = decltype(z_tag);
       const GatedFusionParams<scalar_t, z_t, acc_t> p{
           m.data_ptr<scalar_t>(), z.data_ptr<z_t>(), bias ? bias->data_ptr<scalar_t>() : nullptr,
-          lam.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), batch, tokens, dim};
+          lam.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), batch, tokens, dim,
+          residual ? residual->data_ptr<scalar_t>() : nullptr};
       TMD_CPU_CALL(forward_kernel, p);
     });
   });

@@ -6,7 +6,7 @@
 
 constexpr int64_t kGrain = 1 << 14;  // elements per parallel task, at least
 
-template <bool kBias, typename scalar_t, typename z_t, typename acc_t>
+template <bool kBias, bool kResidual, typename scalar_t, typename z_t, typename acc_t>
 void forward_rows(const GatedFusionParams<scalar_t, z_t, acc_t>& p, int64_t r0, int64_t r1) {
   const int64_t dim = p.dim;
   for (int64_t row = r0; row < r1; ++row) {
@@ -14,9 +14,12 @@ void forward_rows(const GatedFusionParams<scalar_t, z_t, acc_t>& p, int64_t r0, 
     const scalar_t* __restrict__ m = p.m + row * dim;
     const z_t* __restrict__ z = p.z + row * dim;
     const scalar_t* __restrict__ bias = p.bias;
+    const scalar_t* __restrict__ residual = kResidual ? p.residual + row * dim : nullptr;
     scalar_t* __restrict__ out = p.out + row * dim;
     for (int64_t d = 0; d < dim; ++d) {
-      const acc_t zb = cpu::load(z[d]) + (kBias ? cpu::load(bias[d]) : acc_t(0));
+      acc_t zb = cpu::load(z[d]);
+      if constexpr (kBias) zb += cpu::load(bias[d]);
+      if constexpr (kResidual) zb += cpu::load(residual[d]);
       out[d] = cpu::store<scalar_t>(gated_fusion_elem<acc_t>(cpu::load(m[d]), zb, lam[d]));
     }
   }
@@ -28,9 +31,9 @@ void forward_kernel(const GatedFusionParams<scalar_t, z_t, acc_t>& p) {
   const int64_t grain_rows = std::max<int64_t>(1, kGrain / p.dim);
   at::parallel_for(0, rows, grain_rows, [&](int64_t r0, int64_t r1) {
     if (p.bias) {
-      forward_rows<true>(p, r0, r1);
+      p.residual ? forward_rows<true, true>(p, r0, r1) : forward_rows<true, false>(p, r0, r1);
     } else {
-      forward_rows<false>(p, r0, r1);
+      p.residual ? forward_rows<false, true>(p, r0, r1) : forward_rows<false, false>(p, r0, r1);
     }
   });
 }

@@ -52,6 +52,11 @@ __global__ void gated_fusion_kernel(GatedFusionParams<scalar_t, z_t, acc_t> p) {
     const VA lam = *reinterpret_cast<const VA*>(p.lam + b * p.dim + d0);
     acc_t z[VEC];
     load_z<scalar_t, z_t, acc_t, VEC>(p.z, p.bias, v, d0, z);
+    if (p.residual != nullptr) {  // gated_fusion_linear: z + bias + residual
+      const VS e = reinterpret_cast<const VS*>(p.residual)[v];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[k] += static_cast<acc_t>(e.v[k]);
+    }
     VS o;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -147,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_fusion_backward
 
 void gated_fusion_elem_forward_cuda(const at::Tensor& m, const at::Tensor& z,
                                     const std::optional<at::Tensor>& bias, const at::Tensor& lam,
-                                    at::Tensor& out) {
+                                    at::Tensor& out, const std::optional<at::Tensor>& residual) {
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2);
   const int64_t n = m.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -157,11 +162,12 @@ void gated_fusion_elem_forward_cuda(const at::Tensor& m, const at::Tensor& z,
       using z_t = decltype(z_tag);
       const GatedFusionParams<scalar_t, z_t, acc_t> p{
           m.data_ptr<scalar_t>(), z.data_ptr<z_t>(), bias ? bias->data_ptr<scalar_t>() : nullptr,
-          lam.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), batch, tokens, dim};
+          lam.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), batch, tokens, dim,
+          residual ? residual->data_ptr<scalar_t>() : nullptr};
       constexpr int VEC = vec_width<scalar_t>();
       if (vectorizable(dim, VEC, {{p.m, (int)sizeof(scalar_t)}, {p.z, (int)sizeof(z_t)},
                                   {p.bias, (int)sizeof(scalar_t)}, {p.lam, (int)sizeof(acc_t)},
-                                  {p.out, (int)sizeof(scalar_t)}})) {
+                                  {p.out, (int)sizeof(scalar_t)}, {p.residual, (int)sizeof(scalar_t)}})) {
         gated_fusion_kernel<scalar_t, z_t, acc_t, VEC><<<grid_for(n / VEC, kThreads), kThreads, 0, stream>>>(p);
       } else {
         gated_fusion_kernel<scalar_t, z_t, acc_t, 1><<<grid_for(n, kThreads), kThreads, 0, stream>>>(p);

@@ -1,7 +1,7 @@
 // CPU kernels of gated_fusion_linear (the twin of gated_fusion_linear_cuda.cu): z = x·weightᵀ as an
-// opmath GEMM on upcast operands (never rounded to the input dtype) with the residual added in
-// opmath, then the gated_fusion elementwise pass adding the bias. The backward (gated_fusion_linear_common.h) runs its GEMMs in
-// opmath too, grad_z included.
+// opmath GEMM on upcast operands (never rounded to the input dtype), then the gated_fusion
+// elementwise pass adding the bias and the residual in opmath (z + bias + residual, one pass). The
+// backward (gated_fusion_linear_common.h) runs its GEMMs in opmath too, grad_z included.
 #include <torch/library.h>
 
 #include "gated_fusion_linear/gated_fusion_linear_common.h"
@@ -17,16 +17,16 @@ at::Tensor linear_opmath_cpu(const at::Tensor& x2d, const at::Tensor& weight) {
 
 at::Tensor gated_fusion_linear_cpu(const at::Tensor& m_in, const at::Tensor& x_in, const at::Tensor& weight_in,
                                    const std::optional<at::Tensor>& bias_in, const at::Tensor& gate,
-                                   const at::Tensor& alpha, const std::optional<at::Tensor>& residual) {
-  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha, residual);
+                                   const at::Tensor& alpha, const std::optional<at::Tensor>& residual_in) {
+  gated_fusion_linear_check(m_in, x_in, weight_in, bias_in, gate, alpha, residual_in);
   const at::Tensor lam = gated_fusion_lambda(gate, alpha);
   const at::Tensor m = m_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = gated_fusion_linear_bias(bias_in);
+  const std::optional<at::Tensor> residual = gated_fusion_linear_bias(residual_in);  // contiguous
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
-  at::Tensor z = linear_opmath_cpu(x.view({batch * tokens, k}), weight).view({batch, tokens, dim});
-  if (residual) z.add_(*residual);  // opmath += input dtype, rounded once (in opmath)
+  const at::Tensor z = linear_opmath_cpu(x.view({batch * tokens, k}), weight).view({batch, tokens, dim});
   at::Tensor out = at::empty(m.sizes(), m.options());
-  gated_fusion_elem_forward_cpu(m, z, bias, lam, out);
+  gated_fusion_elem_forward_cpu(m, z, bias, lam, out, residual);  // z + bias + residual in opmath, one pass
   return out;
 }
 

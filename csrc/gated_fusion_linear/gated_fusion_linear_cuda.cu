@@ -1,8 +1,7 @@
 // CUDA kernels of gated_fusion_linear (the twin of gated_fusion_linear_cpu.cpp). Generic path:
 // z = x·weightᵀ by cuBLAS with an fp32 output for 16-bit inputs (never rounded to the input
-// dtype), plus the residual when there is one, then the gated_fusion elementwise kernel adding the
-// bias. On sm_90a the CUTLASS GEMM
-// with the fusion in its epilogue (gated_fusion_linear_sm90.h) replaces both when it supports the
+// dtype), then the gated_fusion elementwise kernel adding the bias and the residual (when there is
+// one) in the same pass. On sm_90a the CUTLASS GEMM with the fusion in its epilogue (gated_fusion_linear_sm90.h) replaces both when it supports the
 // case. The backward (gated_fusion_linear_common.h) does not recompute z: one fused elementwise
 // pass (grad_m, grad_z in the input dtype, partial sums of g*(bias - m)), then two cuBLAS GEMMs,
 // G_b = g_bᵀ·x_b with an fp32 output and grad_x = grad_z·weight.
@@ -45,9 +44,8 @@ at::Tensor gated_fusion_linear_cuda(const at::Tensor& m_in, const at::Tensor& x_
   const bool low_precision = m.scalar_type() == at::kBFloat16 || m.scalar_type() == at::kHalf;
   if (low_precision && gated_fusion_linear_sm90(m, x, weight, bias, residual, lam, out)) return out;
   const int64_t batch = m.size(0), tokens = m.size(1), dim = m.size(2), k = x.size(2);
-  at::Tensor z = linear_opmath_cuda(x.view({batch * tokens, k}), weight).view({batch, tokens, dim});
-  if (residual) z.add_(*residual);  // opmath += input dtype
-  gated_fusion_elem_forward_cuda(m, z, bias, lam, out);
+  const at::Tensor z = linear_opmath_cuda(x.view({batch * tokens, k}), weight).view({batch, tokens, dim});
+  gated_fusion_elem_forward_cuda(m, z, bias, lam, out, residual);  // z + bias + residual in opmath, one pass
   return out;
 }
 

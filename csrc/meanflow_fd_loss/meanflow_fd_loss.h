@@ -49,6 +49,20 @@ struct MeanflowFdLossParams {
   int64_t batch;
   int64_t per_sample;  // d
   acc_t c;
+  acc_t* delta = nullptr;  // [B, d] in acc_t, written when not null (meanflow_fd_loss_delta)
+};
+
+// Backward from a saved delta (meanflow_fd_loss_delta_backward): grad_u = scale_b * delta, in acc_t.
+template <typename acc_t>
+struct MeanflowFdLossDeltaBackwardParams {
+  const acc_t* grad_loss;  // [B]
+  const acc_t* grad_mse;   // [B]
+  const acc_t* mse;        // [B]
+  const acc_t* delta;      // [B, d]
+  acc_t* grad_u;           // [B, d]
+  int64_t batch;
+  int64_t per_sample;
+  acc_t c;
 };
 
 template <typename scalar_t, typename acc_t>

@@ -91,4 +91,17 @@ inline void meanflow_fd_loss_backward_check(const at::Tensor& grad_loss, const a
   check_shape(mse, {u.size(0)}, "mse");
 }
 
+// Checks of meanflow_fd_loss_delta_backward: delta [B, ...] float32 or float64 (the opmath dtype of
+// the forward), non-empty per sample; grad_loss, grad_mse, mse [B] floating, on delta's device; c > 0.
+inline void meanflow_fd_loss_delta_backward_check(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
+                                                  const at::Tensor& delta, const at::Tensor& mse, double c) {
+  check_float(delta, "delta");
+  TORCH_CHECK(delta.scalar_type() == at::kFloat || delta.scalar_type() == at::kDouble,
+              "delta must be float32 or float64 (the forward's opmath dtype), got ", delta.scalar_type());
+  TORCH_CHECK(delta.dim() >= 1, "delta must be [B, ...] with at least 1 dimension, got a 0-d tensor");
+  check_nonempty(delta, "delta");
+  meanflow_fd_loss_backward_check(grad_loss, grad_mse, mse, delta);
+  TORCH_CHECK(std::isfinite(c) && c > 0, "c must be a finite number > 0, got ", c);
+}
+
 }  // namespace tmd

@@ -40,11 +40,11 @@ acc_t pairwise_sum(const acc_t* x, int64_t n) {
   return pairwise_sum(x, h) + pairwise_sum(x + h, n - h);
 }
 
-std::tuple<at::Tensor, at::Tensor> meanflow_fd_loss_cpu(const at::Tensor& u, const at::Tensor& u_plus,
-                                                        const at::Tensor& u_minus, const at::Tensor& v,
-                                                        const at::Tensor& s, const at::Tensor& r,
-                                                        const at::Tensor& s_plus, const at::Tensor& s_minus,
-                                                        double c) {
+// The forward; with save_delta also returns delta [B, ...] in the opmath dtype (else an undefined tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> meanflow_fd_loss_forward_cpu(
+    const at::Tensor& u, const at::Tensor& u_plus, const at::Tensor& u_minus, const at::Tensor& v,
+    const at::Tensor& s, const at::Tensor& r, const at::Tensor& s_plus, const at::Tensor& s_minus, double c,
+    bool save_delta) {
   meanflow_fd_loss_check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c);
   const MeanflowFdCoeffs co = meanflow_fd_coeffs(s, r, s_plus, s_minus, u.scalar_type());
   const at::Tensor uc = u.contiguous(), upc = u_plus.contiguous(), umc = u_minus.contiguous(), vc = v.contiguous();
@@ -52,12 +52,13 @@ std::tuple<at::Tensor, at::Tensor> meanflow_fd_loss_cpu(const at::Tensor& u, con
   const auto opts = u.options().dtype(opmath_dtype(u.scalar_type()));
   at::Tensor loss = at::empty({batch}, opts), mse = at::empty({batch}, opts);
   at::Tensor partials = at::empty({batch * nchunks}, opts);
+  at::Tensor delta = save_delta ? at::empty(u.sizes(), opts) : at::Tensor();
   TMD_DISPATCH_FLOATING(u.scalar_type(), "meanflow_fd_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const MeanflowFdLossParams<scalar_t, acc_t> p{
         uc.data_ptr<scalar_t>(), upc.data_ptr<scalar_t>(), umc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
         co.a.data_ptr<acc_t>(), co.fd.data_ptr<bool>(), loss.data_ptr<acc_t>(), mse.data_ptr<acc_t>(),
-        batch, per, static_cast<acc_t>(c)};
+        batch, per, static_cast<acc_t>(c), save_delta ? delta.data_ptr<acc_t>() : nullptr};
     acc_t* part = partials.data_ptr<acc_t>();
     TMD_CPU_CALL(forward_partials, p, part);
     for (int64_t b = 0; b < batch; ++b) {
@@ -66,7 +67,39 @@ std::tuple<at::Tensor, at::Tensor> meanflow_fd_loss_cpu(const at::Tensor& u, con
       p.mse[b] = dsq / static_cast<acc_t>(per);
     }
   });
+  return {loss, mse, delta};
+}
+
+std::tuple<at::Tensor, at::Tensor> meanflow_fd_loss_cpu(const at::Tensor& u, const at::Tensor& u_plus,
+                                                        const at::Tensor& u_minus, const at::Tensor& v,
+                                                        const at::Tensor& s, const at::Tensor& r,
+                                                        const at::Tensor& s_plus, const at::Tensor& s_minus,
+                                                        double c) {
+  auto [loss, mse, delta] = meanflow_fd_loss_forward_cpu(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c, false);
   return {loss, mse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> meanflow_fd_loss_delta_cpu(
+    const at::Tensor& u, const at::Tensor& u_plus, const at::Tensor& u_minus, const at::Tensor& v,
+    const at::Tensor& s, const at::Tensor& r, const at::Tensor& s_plus, const at::Tensor& s_minus, double c) {
+  return meanflow_fd_loss_forward_cpu(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c, true);
+}
+
+at::Tensor meanflow_fd_loss_delta_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
+                                               const at::Tensor& delta, const at::Tensor& mse, double c) {
+  meanflow_fd_loss_delta_backward_check(grad_loss, grad_mse, delta, mse, c);
+  const at::ScalarType acc = delta.scalar_type();
+  const at::Tensor gl = grad_loss.to(acc).contiguous(), gm = grad_mse.to(acc).contiguous();
+  const at::Tensor msec = mse.to(acc).contiguous(), dc = delta.contiguous();
+  at::Tensor grad_u = at::empty_like(dc);
+  const int64_t batch = delta.size(0), per = delta.numel() / batch;
+  AT_DISPATCH_FLOATING_TYPES(acc, "meanflow_fd_loss_delta_backward_cpu", [&] {
+    const MeanflowFdLossDeltaBackwardParams<scalar_t> p{
+        gl.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), msec.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
+        grad_u.data_ptr<scalar_t>(), batch, per, static_cast<scalar_t>(c)};
+    TMD_CPU_CALL(delta_backward_kernel, p);
+  });
+  return grad_u;
 }
 
 at::Tensor meanflow_fd_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
@@ -99,6 +132,8 @@ at::Tensor meanflow_fd_loss_backward_cpu(const at::Tensor& grad_loss, const at::
 TORCH_LIBRARY_IMPL(tmd, CPU, m) {
   m.impl("meanflow_fd_loss", &meanflow_fd_loss_cpu);
   m.impl("meanflow_fd_loss_backward", &meanflow_fd_loss_backward_cpu);
+  m.impl("meanflow_fd_loss_delta", &meanflow_fd_loss_delta_cpu);
+  m.impl("meanflow_fd_loss_delta_backward", &meanflow_fd_loss_delta_backward_cpu);
 }
 
 }  // namespace tmd

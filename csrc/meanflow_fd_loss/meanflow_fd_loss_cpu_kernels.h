@@ -21,14 +21,15 @@ inline acc_t delta_at(const P& p, int64_t i, acc_t a) {
 }
 
 // Sum of delta^2 over [lo, hi), read through __restrict__ row pointers (which keeps the compiler
-// from vectorising across the lane blocks with shuffles).
-template <bool FD, typename P, typename acc_t>
+// from vectorising across the lane blocks with shuffles); with SAVE also writes delta there.
+template <bool FD, bool SAVE, typename P, typename acc_t>
 acc_t chunk_delta_sq(const P& p, int64_t lo, int64_t hi, acc_t a) {
   using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(p.u)>>;
   const scalar_t* __restrict__ u = p.u + lo;
   const scalar_t* __restrict__ v = p.v + lo;
   const scalar_t* __restrict__ up = p.u_plus + lo;
   const scalar_t* __restrict__ um = p.u_minus + lo;
+  acc_t* __restrict__ out = SAVE ? p.delta + lo : nullptr;
   auto term = [&](int64_t i) {
     acc_t d;
     if constexpr (FD) {
@@ -36,6 +37,7 @@ acc_t chunk_delta_sq(const P& p, int64_t lo, int64_t hi, acc_t a) {
     } else {
       d = meanflow_fd_delta<false, acc_t>(cpu::load(u[i]), cpu::load(v[i]), acc_t(0), acc_t(0), a);
     }
+    if constexpr (SAVE) out[i] = d;
     return d * d;
   };
   const int64_t n = hi - lo;
@@ -64,11 +66,33 @@ void for_each_chunk(int64_t batch, int64_t per, F&& fn) {
   });
 }
 
-// part[item] = the item's sum of delta^2.
+// part[item] = the item's sum of delta^2 (and delta itself written to p.delta when that is set).
+template <bool SAVE, typename scalar_t, typename acc_t>
+void forward_partials_impl(const MeanflowFdLossParams<scalar_t, acc_t>& p, acc_t* part) {
+  for_each_chunk(p.batch, p.per_sample, [&](int64_t item, int64_t b, int64_t lo, int64_t hi) {
+    part[item] = p.fd[b] ? chunk_delta_sq<true, SAVE>(p, lo, hi, p.a[b])
+                         : chunk_delta_sq<false, SAVE>(p, lo, hi, p.a[b]);
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_partials(const MeanflowFdLossParams<scalar_t, acc_t>& p, acc_t* part) {
-  for_each_chunk(p.batch, p.per_sample, [&](int64_t item, int64_t b, int64_t lo, int64_t hi) {
-    part[item] = p.fd[b] ? chunk_delta_sq<true>(p, lo, hi, p.a[b]) : chunk_delta_sq<false>(p, lo, hi, p.a[b]);
+  if (p.delta) {
+    forward_partials_impl<true>(p, part);
+  } else {
+    forward_partials_impl<false>(p, part);
+  }
+}
+
+// grad_u = scale_b * delta from the saved delta: one read, one write.
+template <typename acc_t>
+void delta_backward_kernel(const MeanflowFdLossDeltaBackwardParams<acc_t>& p) {
+  const int64_t per = p.per_sample;
+  for_each_chunk(p.batch, per, [&](int64_t, int64_t b, int64_t lo, int64_t hi) {
+    const acc_t scale = meanflow_fd_grad_scale(p.grad_loss[b], p.grad_mse[b], p.mse[b], static_cast<acc_t>(per), p.c);
+    const acc_t* __restrict__ delta = p.delta;
+    acc_t* __restrict__ grad_u = p.grad_u;
+    for (int64_t i = lo; i < hi; ++i) grad_u[i] = scale * delta[i];
   });
 }
 

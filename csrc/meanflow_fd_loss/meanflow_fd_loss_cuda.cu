@@ -66,39 +66,42 @@ __device__ __forceinline__ T block_sum(T x) {
   return x;
 }
 
-// This thread's share of sum(delta^2) over the vectors [v0, v1).
-template <bool FD, int VEC, typename scalar_t, typename acc_t>
+// This thread's share of sum(delta^2) over the vectors [v0, v1); with SAVE also writes delta (acc_t).
+template <bool FD, bool SAVE, int VEC, typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t thread_delta_sq(const MeanflowFdLossParams<scalar_t, acc_t>& p, int64_t v0,
                                                  int64_t v1, acc_t a) {
   using V = AlignedVec<scalar_t, VEC>;
+  using VA = AlignedVec<acc_t, VEC>;
   acc_t sum = 0;
   for (int64_t j = v0 + threadIdx.x; j < v1; j += kThreads) {
     const V u = reinterpret_cast<const V*>(p.u)[j];
     const V v = reinterpret_cast<const V*>(p.v)[j];
+    VA dv;
     if constexpr (FD) {
       const V up = reinterpret_cast<const V*>(p.u_plus)[j];
       const V um = reinterpret_cast<const V*>(p.u_minus)[j];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const acc_t d = meanflow_fd_delta<true, acc_t>(static_cast<acc_t>(u.v[k]), static_cast<acc_t>(v.v[k]),
-                                                       static_cast<acc_t>(up.v[k]), static_cast<acc_t>(um.v[k]), a);
-        sum += d * d;
+        dv.v[k] = meanflow_fd_delta<true, acc_t>(static_cast<acc_t>(u.v[k]), static_cast<acc_t>(v.v[k]),
+                                                 static_cast<acc_t>(up.v[k]), static_cast<acc_t>(um.v[k]), a);
       }
     } else {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const acc_t d = meanflow_fd_delta<false, acc_t>(static_cast<acc_t>(u.v[k]), static_cast<acc_t>(v.v[k]),
-                                                        acc_t(0), acc_t(0), a);
-        sum += d * d;
+        dv.v[k] = meanflow_fd_delta<false, acc_t>(static_cast<acc_t>(u.v[k]), static_cast<acc_t>(v.v[k]), acc_t(0),
+                                                  acc_t(0), a);
       }
     }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum += dv.v[k] * dv.v[k];
+    if constexpr (SAVE) reinterpret_cast<VA*>(p.delta)[j] = dv;
   }
   return sum;
 }
 
 // Block `item` = (b, k) = (item / nchunks, item % nchunks) writes partials[item] = sum of delta^2
 // over vectors [k*kChunkVecs, (k+1)*kChunkVecs) of sample b.
-template <typename scalar_t, typename acc_t, int VEC>
+template <bool SAVE, typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     meanflow_fd_loss_partial_kernel(MeanflowFdLossParams<scalar_t, acc_t> p, MeanflowTimes times, int64_t nchunks,
                                     acc_t* partials) {
@@ -110,7 +113,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t v1 = v0 + kChunkVecs < end ? v0 + kChunkVecs : end;
   acc_t a;
   const bool fd = meanflow_row_coeff(times, b, a);
-  const acc_t part = fd ? thread_delta_sq<true, VEC>(p, v0, v1, a) : thread_delta_sq<false, VEC>(p, v0, v1, a);
+  const acc_t part =
+      fd ? thread_delta_sq<true, SAVE, VEC>(p, v0, v1, a) : thread_delta_sq<false, SAVE, VEC>(p, v0, v1, a);
   const acc_t total = block_sum(part);
   if (threadIdx.x == 0) partials[item] = total;
 }
@@ -166,6 +170,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// grad_u = scale_b * delta from the saved delta (meanflow_fd_loss_delta_backward); VEC divides d.
+template <typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    meanflow_fd_loss_delta_backward_kernel(MeanflowFdLossDeltaBackwardParams<acc_t> p) {
+  using V = AlignedVec<acc_t, VEC>;
+  const int64_t per_vec = p.per_sample / VEC;
+  const int64_t n_vec = p.batch * per_vec;
+  const acc_t d = static_cast<acc_t>(p.per_sample);
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n_vec; j += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = j / per_vec;
+    const acc_t scale = meanflow_fd_grad_scale(p.grad_loss[b], p.grad_mse[b], p.mse[b], d, p.c);
+    V g = reinterpret_cast<const V*>(p.delta)[j];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) g.v[k] *= scale;
+    reinterpret_cast<V*>(p.grad_u)[j] = g;
+  }
+}
+
 bool vectorizable(int64_t per_sample, int vec, std::initializer_list<const void*> ptrs) {
   if (per_sample % vec != 0) return false;
   for (const void* q : ptrs) {
@@ -182,20 +204,25 @@ void launch_forward(const MeanflowFdLossParams<scalar_t, acc_t>& p, const Meanfl
   TORCH_CHECK(p.batch * nchunks <= INT_MAX && p.batch <= INT_MAX, "meanflow_fd_loss: u is too large (", p.batch,
               " samples of ", p.per_sample, " elements)");
   at::Tensor partials = at::empty({p.batch * nchunks}, loss.options());
-  meanflow_fd_loss_partial_kernel<scalar_t, acc_t, VEC>
-      <<<static_cast<unsigned>(p.batch * nchunks), kThreads, 0, stream>>>(p, times, nchunks,
-                                                                          partials.data_ptr<acc_t>());
+  const unsigned blocks = static_cast<unsigned>(p.batch * nchunks);
+  if (p.delta != nullptr) {
+    meanflow_fd_loss_partial_kernel<true, scalar_t, acc_t, VEC>
+        <<<blocks, kThreads, 0, stream>>>(p, times, nchunks, partials.data_ptr<acc_t>());
+  } else {
+    meanflow_fd_loss_partial_kernel<false, scalar_t, acc_t, VEC>
+        <<<blocks, kThreads, 0, stream>>>(p, times, nchunks, partials.data_ptr<acc_t>());
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   meanflow_fd_loss_finalize_kernel<scalar_t, acc_t>
       <<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(p, nchunks, partials.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> meanflow_fd_loss_cuda(const at::Tensor& u, const at::Tensor& u_plus,
-                                                         const at::Tensor& u_minus, const at::Tensor& v,
-                                                         const at::Tensor& s, const at::Tensor& r,
-                                                         const at::Tensor& s_plus, const at::Tensor& s_minus,
-                                                         double c) {
+// The forward; with save_delta also returns delta [B, ...] in the opmath dtype (else an undefined tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> meanflow_fd_loss_forward_cuda(
+    const at::Tensor& u, const at::Tensor& u_plus, const at::Tensor& u_minus, const at::Tensor& v,
+    const at::Tensor& s, const at::Tensor& r, const at::Tensor& s_plus, const at::Tensor& s_minus, double c,
+    bool save_delta) {
   meanflow_fd_loss_check(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c);
   const c10::cuda::CUDAGuard guard(u.device());
   const MeanflowTimes times = meanflow_times(s, r, s_plus, s_minus);
@@ -203,21 +230,64 @@ std::tuple<at::Tensor, at::Tensor> meanflow_fd_loss_cuda(const at::Tensor& u, co
   const int64_t batch = u.size(0), per = u.numel() / batch;
   const auto opts = u.options().dtype(opmath_dtype(u.scalar_type()));
   at::Tensor loss = at::empty({batch}, opts), mse = at::empty({batch}, opts);
+  at::Tensor delta = save_delta ? at::empty(u.sizes(), opts) : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TMD_DISPATCH_FLOATING(u.scalar_type(), "meanflow_fd_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const MeanflowFdLossParams<scalar_t, acc_t> p{
         uc.data_ptr<scalar_t>(), upc.data_ptr<scalar_t>(), umc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
         nullptr, nullptr, loss.data_ptr<acc_t>(), mse.data_ptr<acc_t>(),
-        batch, per, static_cast<acc_t>(c)};
+        batch, per, static_cast<acc_t>(c), save_delta ? delta.data_ptr<acc_t>() : nullptr};
     constexpr int VEC = vec_width<scalar_t>();
+    // delta (acc_t, VEC elements a vector) is a fresh allocation: aligned whenever VEC divides d
     if (vectorizable(per, VEC, {p.u, p.u_plus, p.u_minus, p.v})) {
       launch_forward<VEC>(p, times, loss, stream);
     } else {
       launch_forward<1>(p, times, loss, stream);
     }
   });
+  return {loss, mse, delta};
+}
+
+std::tuple<at::Tensor, at::Tensor> meanflow_fd_loss_cuda(const at::Tensor& u, const at::Tensor& u_plus,
+                                                         const at::Tensor& u_minus, const at::Tensor& v,
+                                                         const at::Tensor& s, const at::Tensor& r,
+                                                         const at::Tensor& s_plus, const at::Tensor& s_minus,
+                                                         double c) {
+  auto [loss, mse, delta] = meanflow_fd_loss_forward_cuda(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c, false);
   return {loss, mse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> meanflow_fd_loss_delta_cuda(
+    const at::Tensor& u, const at::Tensor& u_plus, const at::Tensor& u_minus, const at::Tensor& v,
+    const at::Tensor& s, const at::Tensor& r, const at::Tensor& s_plus, const at::Tensor& s_minus, double c) {
+  return meanflow_fd_loss_forward_cuda(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c, true);
+}
+
+at::Tensor meanflow_fd_loss_delta_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
+                                                const at::Tensor& delta, const at::Tensor& mse, double c) {
+  meanflow_fd_loss_delta_backward_check(grad_loss, grad_mse, delta, mse, c);
+  const c10::cuda::CUDAGuard guard(delta.device());
+  const at::ScalarType acc = delta.scalar_type();
+  const at::Tensor gl = grad_loss.to(acc).contiguous(), gm = grad_mse.to(acc).contiguous();
+  const at::Tensor msec = mse.to(acc).contiguous(), dc = delta.contiguous();
+  at::Tensor grad_u = at::empty_like(dc);
+  const int64_t batch = delta.size(0), per = delta.numel() / batch;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "meanflow_fd_loss_delta_backward_cuda", [&] {
+    const MeanflowFdLossDeltaBackwardParams<scalar_t> p{
+        gl.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), msec.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
+        grad_u.data_ptr<scalar_t>(), batch, per, static_cast<scalar_t>(c)};
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    if (vectorizable(per, VEC, {p.delta, p.grad_u})) {
+      meanflow_fd_loss_delta_backward_kernel<scalar_t, VEC>
+          <<<grid_for(batch * per / VEC, kThreads), kThreads, 0, stream>>>(p);
+    } else {
+      meanflow_fd_loss_delta_backward_kernel<scalar_t, 1><<<grid_for(batch * per, kThreads), kThreads, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_u;
 }
 
 at::Tensor meanflow_fd_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
@@ -260,6 +330,8 @@ at::Tensor meanflow_fd_loss_backward_cuda(const at::Tensor& grad_loss, const at:
 TORCH_LIBRARY_IMPL(tmd, CUDA, m) {
   m.impl("meanflow_fd_loss", &meanflow_fd_loss_cuda);
   m.impl("meanflow_fd_loss_backward", &meanflow_fd_loss_backward_cuda);
+  m.impl("meanflow_fd_loss_delta", &meanflow_fd_loss_delta_cuda);
+  m.impl("meanflow_fd_loss_delta_backward", &meanflow_fd_loss_delta_backward_cuda);
 }
 
 }  // namespace tmd

@@ -216,6 +216,63 @@ def test_opcheck(device, dtype, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_delta(device, dtype, gen):
+    """meanflow_fd_loss_delta (the forward that keeps Δ) and the backward from Δ."""
+    args = inputs((3, 3, 5), dtype, device, gen, requires_grad=dtype != torch.bfloat16)
+    torch.library.opcheck(torch.ops.tmd.meanflow_fd_loss_delta.default, (*args, 4.0))
+    b = args[0].shape[0]
+    _, mse, delta = torch.ops.tmd.meanflow_fd_loss_delta(*(a.detach() for a in args), 4.0)
+    gl, gm = (torch.rand(b, generator=gen).to(device) for _ in range(2))
+    torch.library.opcheck(torch.ops.tmd.meanflow_fd_loss_delta_backward.default, (gl, gm, delta, mse, 4.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 4, 2, 6, 5), (3, 5, 3, 31, 37)])
+def test_delta_path_equals_recompute_path(shape, dtype, device, gen):
+    """Both forwards give the same loss and mse bit for bit; Δ equals the reference's Δ; the two backwards
+    (from the saved Δ, and recomputing Δ from the four inputs) agree with each other and the reference."""
+    args = inputs(shape, dtype, device, gen)
+    c = 3.0
+    loss, mse = torch.ops.tmd.meanflow_fd_loss(*args, c)
+    loss_d, mse_d, delta = torch.ops.tmd.meanflow_fd_loss_delta(*args, c)
+    assert torch.equal(loss, loss_d) and torch.equal(mse, mse_d)
+    assert delta.dtype == _acc(dtype) and delta.shape == args[0].shape and delta.is_contiguous()
+    acc = _acc(dtype)
+    u, up, um, v, s, r, sp, sm = (a.to(acc) if a.is_floating_point() and a.dim() > 1 else a for a in args)
+    a = ((s.double() - r.double()) / (sp.double() - sm.double())).to(acc)
+    fd = (s != r).view(-1, *[1] * (u.dim() - 1))
+    want = torch.where(fd, u - (v - a.view_as(fd) * (up - um)), u - v)
+    torch.testing.assert_close(delta, want, **TOL[acc])
+    b = shape[0]
+    gl, gm = (torch.rand(b, generator=gen, dtype=torch.float64).to(acc).to(device) + 0.5 for _ in range(2))
+    g_delta = torch.ops.tmd.meanflow_fd_loss_delta_backward(gl, gm, delta, mse, c)
+    g_recompute = torch.ops.tmd.meanflow_fd_loss_backward(gl, gm, *args, mse, c)
+    assert g_delta.dtype == acc and g_recompute.dtype == dtype
+    torch.testing.assert_close(g_delta.to(dtype), g_recompute, **TOL[dtype])
+    _, _, g_ref = grads_of(reference.meanflow_fd_loss, args, c, gl, gm)
+    torch.testing.assert_close(g_recompute, g_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_which_forward_keeps_delta(dtype, gen, monkeypatch):
+    """The public function keeps Δ exactly when u is fp32/fp64 and a gradient will be taken."""
+    calls = []
+    for name in ("meanflow_fd_loss", "meanflow_fd_loss_delta"):
+        op = getattr(torch.ops.tmd, name)
+        monkeypatch.setattr(torch.ops.tmd, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    args = inputs((2, 3, 4), dtype, "cpu", gen, requires_grad=True)
+    loss, mse = tmd_ext.meanflow_fd_loss(*args, 1.0)
+    (loss.sum() + mse.sum()).backward()
+    keeps = dtype in (torch.float32, torch.float64)
+    assert calls == ["meanflow_fd_loss_delta" if keeps else "meanflow_fd_loss"]
+    with torch.no_grad():
+        tmd_ext.meanflow_fd_loss(*args, 1.0)
+    assert calls[-1] == "meanflow_fd_loss"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_mse", [True, False])
 def test_compile_fullgraph(use_mse, device, gen):
     """Forward + backward through the public function; c is an argument, so the second call (a new
@@ -293,6 +350,20 @@ def test_bad_input(gen):
     for args, name in bwd_cases:
         with pytest.raises(RuntimeError, match=name):
             torch.ops.tmd.meanflow_fd_loss_backward(*args)
+
+    _, mse, delta = torch.ops.tmd.meanflow_fd_loss_delta(*ok, 1.0)
+    delta_cases = [
+        ((g[:1], g, delta, mse, 1.0), "grad_loss"),
+        ((g, g.int(), delta, mse, 1.0), "grad_mse"),
+        ((g, g, delta, mse[None], 1.0), "mse"),
+        ((g, g, delta.half(), mse, 1.0), "delta"),
+        ((g, g, delta[:, :0], mse, 1.0), "delta"),
+        ((g, g, torch.tensor(1.0), mse, 1.0), "delta"),
+        ((g, g, delta, mse, float("nan")), "c"),
+    ]
+    for args, name in delta_cases:
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.tmd.meanflow_fd_loss_delta_backward(*args)
 
 
 @pytest.mark.cuda
