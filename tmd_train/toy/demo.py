@@ -63,7 +63,7 @@ class DemoSettings:
     n_eval: int = 48
     n_ref: int = 256
     teacher_steps: int = 50
-    teacher_cfg: float = 5.0
+    teacher_cfg: float = 3.0  # the toy teacher's best scale (tinybench.TEACHER_REF_CFG)
     kd_pairs: int = 24
     stage1_steps: int = 120
     stage1_batch: int = 8

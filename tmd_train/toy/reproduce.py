@@ -87,7 +87,7 @@ class Settings:
     curve_points: int = 4
     n_ref: int = 512
     teacher_steps: int = 50
-    teacher_cfg: float = 5.0
+    teacher_cfg: float = 3.0  # the toy teacher's best scale (tinybench.TEACHER_REF_CFG)
     kd_pairs: int = 32
     kd_steps: int = 30
     stage1_steps: int = 150
