@@ -110,25 +110,31 @@ def _(grad_loss, grad_mse, u, u_plus, u_minus, v, s, r, s_plus, s_minus, mse, c)
     return torch.empty_like(u, memory_format=torch.contiguous_format)
 
 
+def _grad_u(ctx, kernel, saved_inputs, grad_loss, grad_mse):
+    """The gradient w.r.t. u from ``kernel()`` (a backward op); when the backward is recorded
+    (``create_graph=True``) it carries the reference's VJP graph, so it is differentiable (§3.4)."""
+    u, *rest = saved_inputs
+    if higher_order.recording():
+        rest = tuple(t.detach() for t in rest)
+        (grad_u,) = higher_order.kernel_grads(
+            kernel, lambda u_: reference.meanflow_fd_loss(u_, *rest, ctx.c), (u,), (grad_loss, grad_mse))
+    else:
+        (grad_u,) = kernel()
+    return grad_u, None, None, None, None, None, None, None, None
+
+
 def _setup_context(ctx, inputs, output):
     ctx.c = inputs[8]
     ctx.save_for_backward(*inputs[:8], output[1])
 
 
 def _backward(ctx, grad_loss, grad_mse):
-    u, u_plus, u_minus, v, s, r, s_plus, s_minus, mse = ctx.saved_tensors
+    *inputs, mse = ctx.saved_tensors
 
     def kernel():
-        return (torch.ops.tmd.meanflow_fd_loss_backward(grad_loss, grad_mse, u, u_plus, u_minus, v, s, r,
-                                                        s_plus, s_minus, mse, ctx.c),)
+        return (torch.ops.tmd.meanflow_fd_loss_backward(grad_loss, grad_mse, *inputs, mse, ctx.c),)
 
-    if higher_order.recording():  # create_graph=True: differentiable gradients (§3.4)
-        rest = tuple(t.detach() for t in (u_plus, u_minus, v, s, r, s_plus, s_minus))
-        (grad_u,) = higher_order.kernel_grads(
-            kernel, lambda u_: reference.meanflow_fd_loss(u_, *rest, ctx.c), (u,), (grad_loss, grad_mse))
-    else:
-        (grad_u,) = kernel()
-    return grad_u, None, None, None, None, None, None, None, None
+    return _grad_u(ctx, kernel, inputs, grad_loss, grad_mse)
 
 
 torch.library.register_autograd("tmd::meanflow_fd_loss", _backward, setup_context=_setup_context)
@@ -141,21 +147,14 @@ def _setup_context_delta(ctx, inputs, output):
 
 
 def _backward_delta(ctx, grad_loss, grad_mse, _grad_delta):
-    u, u_plus, u_minus, v, s, r, s_plus, s_minus, mse, delta = ctx.saved_tensors
+    *inputs, mse, delta = ctx.saved_tensors
 
     def kernel():
         return (torch.ops.tmd.meanflow_fd_loss_delta_backward(grad_loss, grad_mse, delta, mse, ctx.c)
                 .to(ctx.u_dtype),)
 
-    if higher_order.recording():  # create_graph=True: differentiable gradients (§3.4)
-        rest = tuple(t.detach() for t in (u_plus, u_minus, v, s, r, s_plus, s_minus))
-        (grad_u,) = higher_order.kernel_grads(
-            kernel, lambda u_: reference.meanflow_fd_loss(u_, *rest, ctx.c), (u,), (grad_loss, grad_mse))
-    else:
-        (grad_u,) = kernel()
-    return grad_u, None, None, None, None, None, None, None, None
+    return _grad_u(ctx, kernel, inputs, grad_loss, grad_mse)
 
 
 # Δ is an output for the backward's sake; a gradient flowing into it (nothing in the library uses Δ) is ignored.
 torch.library.register_autograd("tmd::meanflow_fd_loss_delta", _backward_delta, setup_context=_setup_context_delta)
-
