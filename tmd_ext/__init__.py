@@ -64,7 +64,8 @@ def build_info() -> dict:
     """What the compiled library was built with: ``torch_version`` (built against),
     ``cuda_compiled`` (bool), ``cuda_version``, ``cuda_archs`` (TORCH_CUDA_ARCH_LIST used),
     ``cutlass_version``, ``cutlass_sm90`` (the CUTLASS WGMMA kernels were compiled, i.e. 9.0a is
-    among the archs) and ``cxx``."""
+    among the archs), ``cxx`` and ``cpu_kernels`` (the build of the CPU kernels this process runs:
+    ``"avx512"``, ``"avx2"`` or ``"baseline"``, the widest the CPU has, capped by ATEN_CPU_CAPABILITY)."""
     info = dict(_C.build_info())
     archs = [a.removesuffix("+PTX") for a in info["cuda_archs"].replace(",", ";").replace(" ", ";").split(";")]
     info["cutlass_sm90"] = bool(info["cuda_compiled"]) and "9.0a" in archs

@@ -3,7 +3,7 @@
 // opmath dtype. Backward: rows are grouped into chunks of a fixed size (a function of the shape
 // only, never of the thread count); each chunk writes its own partial column sums for
 // grad_shift/grad_scale, which are then added in chunk order, so results are deterministic. The
-// loops are in adaln_modulate_cpu_kernels.h, built twice (baseline and AVX2, core/cpu_vec.h).
+// loops are in adaln_modulate_cpu_kernels.h, built three times (baseline, AVX2 and AVX-512, core/cpu_vec.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -26,6 +26,11 @@ namespace cpu_avx2 {
 #include "adaln_modulate/adaln_modulate_cpu_kernels.h"
 }  // namespace cpu_avx2
 TMD_CPU_AVX2_END
+TMD_CPU_AVX512_BEGIN
+namespace cpu_avx512 {
+#include "adaln_modulate/adaln_modulate_cpu_kernels.h"
+}  // namespace cpu_avx512
+TMD_CPU_AVX512_END
 #endif
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_cpu(const at::Tensor& x, const at::Tensor& shift,

@@ -4,12 +4,14 @@
 //   contiguous loop over bf16 data vectorises: load(bf16) widens the bits, store<bf16>(float)
 //   rounds to nearest even with NaN -> 0x7FC0, bit-identical to c10::BFloat16(float). Other
 //   types go through static_cast, as before.
-// * Two builds of each op's kernels from one source: the op's <op>_cpu_kernels.h is included
-//   twice by its <op>_cpu.cpp, once in namespace cpu_baseline (the compiler's default target) and
-//   once between TMD_CPU_AVX2_BEGIN/END in namespace cpu_avx2 (x86-64 with GCC: AVX2 code for
-//   the same loops). TMD_CPU_CALL picks the AVX2 build at run time when the CPU has AVX2 and
-//   ATEN_CPU_CAPABILITY is not "default" (the switch torch's own kernels obey). FMA is left off,
-//   so both builds round every operation the same way: the two give identical results.
+// * Three builds of each op's kernels from one source: the op's <op>_cpu_kernels.h is included
+//   three times by its <op>_cpu.cpp, in namespace cpu_baseline (the compiler's default target),
+//   between TMD_CPU_AVX2_BEGIN/END in namespace cpu_avx2 and between TMD_CPU_AVX512_BEGIN/END in
+//   namespace cpu_avx512 (x86-64 with GCC: AVX2 and AVX-512 code for the same loops). TMD_CPU_CALL
+//   picks the widest the CPU has at run time, capped by ATEN_CPU_CAPABILITY ("default" / "avx2",
+//   the switch torch's own kernels obey). AVX2 has no FMA and the AVX-512 build turns contraction
+//   off (AVX-512F has FMA), so every build rounds every operation the same way: they give identical
+//   results.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -54,31 +56,46 @@ inline T store(A v) {
 #define TMD_CPU_AVX2_BUILD 1
 #define TMD_CPU_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2\")")
 #define TMD_CPU_AVX2_END _Pragma("GCC pop_options")
+// AVX-512 (F, BW, VL, DQ: the set torch's own AVX512 kernels need), 512-bit vectors preferred, no FMA
+// contraction (a fused a*b+c rounds once: results would differ from the other builds).
+#define TMD_CPU_AVX512_BEGIN \
+  _Pragma("GCC push_options")  \
+  _Pragma("GCC target(\"avx2,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512\")") \
+  _Pragma("GCC optimize(\"fp-contract=off\")")
+#define TMD_CPU_AVX512_END _Pragma("GCC pop_options")
 #else
 #define TMD_CPU_AVX2_BUILD 0
 #endif
 
-// Whether TMD_CPU_CALL runs the AVX2 build (decided once per process).
-inline bool use_avx2() {
+// The build TMD_CPU_CALL runs (decided once per process): 2 = AVX-512, 1 = AVX2, 0 = baseline. The
+// widest the CPU has, capped by ATEN_CPU_CAPABILITY ("default", "avx2", "avx512"), as torch's own kernels.
+inline int vector_level() {
 #if TMD_CPU_AVX2_BUILD
-  static const bool use = [] {
-    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-    if (cap != nullptr && std::string_view(cap) == "default") return false;
+  static const int level = [] {
+    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+    const std::string_view cap = env == nullptr ? std::string_view() : std::string_view(env);
+    if (cap == "default") return 0;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
+    if (__builtin_cpu_supports("avx2") == 0) return 0;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return (avx512 && cap != "avx2") ? 2 : 1;
   }();
-  return use;
+  return level;
 #else
-  return false;
+  return 0;
 #endif
 }
 
 }  // namespace tmd::cpu
 
-// Calls `fn(args...)` of the AVX2 build (namespace cpu_avx2) or of the baseline (cpu_baseline).
+// Calls `fn(args...)` of the AVX-512 build (namespace cpu_avx512), the AVX2 build (cpu_avx2) or the
+// baseline (cpu_baseline).
 #if TMD_CPU_AVX2_BUILD
-#define TMD_CPU_CALL(fn, ...) \
-  (::tmd::cpu::use_avx2() ? cpu_avx2::fn(__VA_ARGS__) : cpu_baseline::fn(__VA_ARGS__))
+#define TMD_CPU_CALL(fn, ...)                                     \
+  (::tmd::cpu::vector_level() == 2   ? cpu_avx512::fn(__VA_ARGS__) \
+   : ::tmd::cpu::vector_level() == 1 ? cpu_avx2::fn(__VA_ARGS__)   \
+                                     : cpu_baseline::fn(__VA_ARGS__))
 #else
 #define TMD_CPU_CALL(fn, ...) cpu_baseline::fn(__VA_ARGS__)
 #endif

@@ -2,6 +2,8 @@
 // kernel files); pybind11 binds what is not an op.
 #include <torch/extension.h>
 
+#include "core/cpu_vec.h"
+
 #ifdef TMD_WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION
 #endif
@@ -33,6 +35,9 @@ py::dict build_info() {
 #endif
   d["cuda_archs"] = TMD_CUDA_ARCHS;
   d["cutlass_version"] = TMD_CUTLASS_VERSION;
+  // the build of the CPU kernels this process runs (core/cpu_vec.h)
+  static const char* const kLevels[] = {"baseline", "avx2", "avx512"};
+  d["cpu_kernels"] = kLevels[tmd::cpu::vector_level()];
   d["cxx"] =
 #if defined(__clang__)
       std::string("clang ") + __clang_version__;

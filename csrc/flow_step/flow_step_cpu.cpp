@@ -1,5 +1,5 @@
 // CPU kernels of flow_step (the twin of flow_step_cuda.cu; same per-element math). The loops are in
-// flow_step_cpu_kernels.h, built twice (baseline and AVX2, core/cpu_vec.h).
+// flow_step_cpu_kernels.h, built three times (baseline, AVX2 and AVX-512, core/cpu_vec.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,6 +21,11 @@ namespace cpu_avx2 {
 #include "flow_step/flow_step_cpu_kernels.h"
 }  // namespace cpu_avx2
 TMD_CPU_AVX2_END
+TMD_CPU_AVX512_BEGIN
+namespace cpu_avx512 {
+#include "flow_step/flow_step_cpu_kernels.h"
+}  // namespace cpu_avx512
+TMD_CPU_AVX512_END
 #endif
 
 at::Tensor flow_step_cpu(const at::Tensor& y, const at::Tensor& head_out, const at::Tensor& y1,

@@ -1,7 +1,8 @@
 // The loops of the flow_step CPU kernels. No include guard and no includes: flow_step_cpu.cpp
-// includes this file twice, in namespaces cpu_baseline and cpu_avx2 (core/cpu_vec.h), after the
-// headers it needs. A task's range of the flattened [B*per] elements is cut at sample boundaries,
-// so each inner loop is a plain contiguous loop with one coefficient (vectorised).
+// includes this file three times, in namespaces cpu_baseline, cpu_avx2 and cpu_avx512
+// (core/cpu_vec.h), after the headers it needs. A task's range of the flattened [B*per] elements
+// is cut at sample boundaries, so each inner loop is a plain contiguous loop with one coefficient
+// (vectorised).
 
 constexpr int64_t kGrain = 1 << 14;
 

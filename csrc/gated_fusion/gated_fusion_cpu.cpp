@@ -1,6 +1,6 @@
 // CPU kernels of gated_fusion (the twin of gated_fusion_cuda.cu; same per-element math), and the
 // elementwise launchers that gated_fusion_linear_cpu.cpp reuses. The loops are in
-// gated_fusion_cpu_kernels.h, built twice (baseline and AVX2, core/cpu_vec.h).
+// gated_fusion_cpu_kernels.h, built three times (baseline, AVX2 and AVX-512, core/cpu_vec.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -24,6 +24,11 @@ namespace cpu_avx2 {
 #include "gated_fusion/gated_fusion_cpu_kernels.h"
 }  // namespace cpu_avx2
 TMD_CPU_AVX2_END
+TMD_CPU_AVX512_BEGIN
+namespace cpu_avx512 {
+#include "gated_fusion/gated_fusion_cpu_kernels.h"
+}  // namespace cpu_avx512
+TMD_CPU_AVX512_END
 #endif
 
 at::Tensor gated_fusion_cpu(const at::Tensor& m, const at::Tensor& z, const at::Tensor& gate,

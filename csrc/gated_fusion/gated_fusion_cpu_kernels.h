@@ -1,7 +1,8 @@
 // The loops of the gated_fusion CPU kernels. No include guard and no includes: gated_fusion_cpu.cpp
-// includes this file twice, in namespaces cpu_baseline and cpu_avx2 (core/cpu_vec.h), after the
-// headers it needs. Each inner loop is a plain contiguous loop over d (compile-time switches for
-// the optional operands), which the compiler vectorises; rows are spread over threads with
+// includes this file three times, in namespaces cpu_baseline, cpu_avx2 and cpu_avx512
+// (core/cpu_vec.h), after the headers it needs. Each inner loop is a plain contiguous loop over d
+// (compile-time switches for the optional operands), which the compiler vectorises; rows are
+// spread over threads with
 // at::parallel_for, and a grain keeps small shapes on one thread.
 
 constexpr int64_t kGrain = 1 << 14;  // elements per parallel task, at least

@@ -2,7 +2,7 @@
 // Work items are fixed (sample, chunk) pairs, so every row is uniformly "FD" or "plain" inside an
 // item and the sums do not depend on the thread count: each item sums its chunk in kLanes fixed
 // lanes, and the chunk partials of a sample are combined pairwise in a fixed order. The loops are in
-// meanflow_fd_loss_cpu_kernels.h, built twice (baseline and AVX2, core/cpu_vec.h).
+// meanflow_fd_loss_cpu_kernels.h, built three times (baseline, AVX2 and AVX-512, core/cpu_vec.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -24,6 +24,11 @@ namespace cpu_avx2 {
 #include "meanflow_fd_loss/meanflow_fd_loss_cpu_kernels.h"
 }  // namespace cpu_avx2
 TMD_CPU_AVX2_END
+TMD_CPU_AVX512_BEGIN
+namespace cpu_avx512 {
+#include "meanflow_fd_loss/meanflow_fd_loss_cpu_kernels.h"
+}  // namespace cpu_avx512
+TMD_CPU_AVX512_END
 #endif
 
 using cpu_baseline::kChunk;

@@ -1,6 +1,6 @@
 // The loops of the meanflow_fd_loss CPU kernels. No include guard and no includes:
-// meanflow_fd_loss_cpu.cpp includes this file twice, in namespaces cpu_baseline and cpu_avx2
-// (core/cpu_vec.h), after the headers it needs.
+// meanflow_fd_loss_cpu.cpp includes this file three times, in namespaces cpu_baseline,
+// cpu_avx2 and cpu_avx512 (core/cpu_vec.h), after the headers it needs.
 //
 // Work items are fixed (sample, chunk) pairs, so every row is uniformly "FD" or "plain" inside an
 // item and the sums do not depend on the thread count: each item sums its chunk in kLanes fixed
@@ -8,7 +8,7 @@
 
 constexpr int64_t kChunk = 4096;                     // elements per work item
 constexpr int64_t kGrainItems = (1 << 15) / kChunk;  // items per task, at least
-constexpr int kLanes = 8;
+constexpr int kLanes = 32;  // 4 independent AVX2 accumulators (8 lanes: one add latency per 8 terms)
 
 template <bool FD, typename P, typename acc_t>
 inline acc_t delta_at(const P& p, int64_t i, acc_t a) {

@@ -35,6 +35,27 @@ def test_build_info():
         assert info["cutlass_version"].count(".") == 2
 
 
+@pytest.mark.parametrize("capability", ["default", "avx2", None])
+def test_build_info_names_the_cpu_kernels_in_use(capability):
+    """``cpu_kernels`` follows ATEN_CPU_CAPABILITY like torch's own kernels: "default" -> the baseline build,
+    "avx2" -> at most AVX2, unset -> the widest the CPU has (and never wider than torch's own choice)."""
+    env = dict(os.environ)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    code = "import torch, tmd_ext; print(tmd_ext.build_info()['cpu_kernels'], torch.backends.cpu.get_cpu_capability())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours, torchs = out.stdout.split()
+    assert ours in ("baseline", "avx2", "avx512")
+    if capability == "default":
+        assert ours == "baseline"
+    elif capability == "avx2":
+        assert ours in ("baseline", "avx2")
+    width = {"baseline": 0, "DEFAULT": 0, "avx2": 1, "AVX2": 1, "avx512": 2, "AVX512": 2}
+    assert width[ours] <= width.get(torchs, 2), (ours, torchs)
+
+
 def test_expected_cuda_build():
     """CI sets TMD_EXPECT_CUDA=1 where nvcc exists: the build must then hold CUDA kernels."""
     if os.environ.get("TMD_EXPECT_CUDA") != "1":

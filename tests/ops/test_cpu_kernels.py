@@ -1,8 +1,8 @@
 """The vector and parallel paths of the CPU kernels (csrc/core/cpu_vec.h, csrc/<op>/<op>_cpu_kernels.h):
 every op against its reference, forward and gradients, on shapes whose rows are no multiple of the
 vector width (odd D), that span several parallel tasks and sample boundaries, with non-contiguous
-inputs; results that do not depend on the thread count; and the AVX2 build bit-identical to the
-baseline build (``ATEN_CPU_CAPABILITY=default`` selects the latter)."""
+inputs; results that do not depend on the thread count; and the AVX-512 and AVX2 builds bit-identical to
+the baseline build (``ATEN_CPU_CAPABILITY=default`` selects the latter, ``avx2`` the AVX2 build)."""
 from __future__ import annotations
 
 import os
@@ -118,18 +118,19 @@ def _all_results(seed: int) -> list[torch.Tensor]:
     return results
 
 
-def test_baseline_build_equals_vector_build(tmp_path):
-    """The process default (AVX2 where the CPU has it) and ATEN_CPU_CAPABILITY=default (the baseline
-    build of the same loops) give bit-identical results."""
-    path = tmp_path / "baseline.pt"
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_narrower_builds_equal_the_process_default(tmp_path, capability):
+    """The process default (the widest build the CPU has: AVX-512, AVX2 or baseline) and the build that
+    ATEN_CPU_CAPABILITY selects ("default": the baseline, "avx2": AVX2) give bit-identical results."""
+    path = tmp_path / "narrow.pt"
     code = ("import sys, torch; sys.path[:0] = [sys.argv[2], sys.argv[3]]; "
             "from ops.test_cpu_kernels import _all_results; torch.save(_all_results(7), sys.argv[1])")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code, str(path), str(ROOT / "tests"), str(ROOT)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    baseline = torch.load(path)
+    narrow = torch.load(path)
     here = _all_results(7)
-    assert len(baseline) == len(here)
-    for a, w in zip(here, baseline, strict=True):
+    assert len(narrow) == len(here)
+    for a, w in zip(here, narrow, strict=True):
         assert torch.equal(a, w)
