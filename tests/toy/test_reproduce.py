@@ -161,3 +161,80 @@ def test_findings_follow_the_numbers():
     text = reproduce.findings(cells, stats((35.0, 0.0, 1), (30.0, 0.0, 1)), recs, settings)
     assert "Curves still moving at the end" in text and "DMD2-v M=2 (+7.0 in the last" in text
     assert "Partial results: some cells have only 1 of 3 seeds" in text
+
+
+def test_fingerprint_ignores_later_fields_at_their_defaults():
+    """Cells that do not use the fields added after the first records keep their fingerprints (so those records
+    stay valid); a diagnosis cell differs from its base."""
+    import hashlib
+    from dataclasses import asdict
+
+    settings = reproduce.Settings()
+    cells = {c.key: c for c in reproduce.make_cells(settings)}
+    base = cells["tmd_N2H1_M2"]
+    s = asdict(settings)
+    s.pop("seeds")
+    s.pop("diagnosis_seeds")
+    c = {k: v for k, v in asdict(base).items() if k not in reproduce._LATER_FIELDS}
+    old = hashlib.sha256(json.dumps({"settings": s, "cell": c, "teacher": "t"}, sort_keys=True).encode()).hexdigest()
+    assert reproduce.fingerprint(settings, base, "t") == old[:20]
+    prints = {reproduce.fingerprint(settings, cell, "t") for cell in cells.values()}
+    assert len(prints) == len(cells)
+    # the number of diagnosis seeds does not change any fingerprint
+    other = reproduce.Settings(diagnosis_seeds=3)
+    assert all(reproduce.fingerprint(other, c, "t") == reproduce.fingerprint(settings, c, "t") for c in cells.values())
+
+
+def test_diagnosis_cells_change_one_thing_of_their_base(tmp_path):
+    from tmd_train.engine.config import parse_overrides
+
+    settings = reproduce.Settings()
+    cells = {c.key: c for c in reproduce.make_cells(settings)}
+    diag = [c for c in cells.values() if c.diagnosis]
+    assert len(diag) >= 5
+    rep = reproduce.Reproduce(tmp_path / "out", tmp_path / "results", settings, reproduce.TOY_TEACHER_DIR,
+                              list(cells.values()))
+    for c in diag:
+        base = cells[c.base]
+        assert not base.diagnosis and not base.ablation and (c.kind, c.M, c.H) == (base.kind, base.M, base.H)
+        assert settings.seeds_of(c) == 2 and settings.seeds_of(base) == 3
+        assert bool(c.stage2_args) != bool(c.stage1_steps), c.key
+        args = rep.stage2_args(c, tmp_path / "run", 0, 10, tmp_path / "init", None)
+        base_args = rep.stage2_args(base, tmp_path / "run", 0, 10, tmp_path / "init", None)
+        got, want = parse_overrides(args[2:]), parse_overrides(base_args[2:])  # after "--resume latest"
+        changed = {k for k in got.keys() | want.keys() if got.get(k) != want.get(k)}
+        assert changed == {a.split("=", 1)[0] for a in c.stage2_args}, (c.key, changed)
+        if c.stage1_steps:
+            assert c.stage1_key != base.stage1_key
+            assert (reproduce.stage1_fingerprint(settings, c, "t")
+                    != reproduce.stage1_fingerprint(settings, base, "t"))
+    assert reproduce.Settings.quick().seeds_of(diag[0]) == 1
+
+
+def test_findings_name_peaked_curves_and_diagnoses():
+    settings = reproduce.Settings()
+    cells = reproduce.make_cells(settings)
+    steps = reproduce.curve_steps(settings)
+    falling = [{"steps": s, "total": t} for s, t in zip(steps, (55, 54, 47, 46, 46.5), strict=True)]
+    flat = [{"steps": s, "total": t} for s, t in zip(steps, (40, 41, 42, 42.5, 42.5), strict=True)]
+    recs = {"dmd2v_M2": [{"curve": falling}] * 3, "why_dmd2v_M2_lr1e-5": [{"curve": flat}] * 2}
+    stats = {"dmd2v_M2": {"total": (49.0, 1.0, 3)}, "why_dmd2v_M2_lr1e-5": {"total": (56.0, 1.0, 2)}}
+    text = reproduce.findings(cells, stats, recs, settings)
+    assert "peak before the end" in text and "DMD2-v M=2 (55.0 at 0, 46.5 at 250)" in text
+    assert "Diagnosis, DMD2-v M=2, lr 1e-5" in text and "higher than DMD2-v M=2" in text
+    assert "Partial results" not in text  # a diagnosis cell with 2 seeds is complete
+    table = reproduce.diagnosis_table(cells, stats, recs)
+    assert "| DMD2-v M=2 | the recipe (base) | 3 | 49.0 ± 1.0 |" in table
+    assert "55.0 → 55.0 (0) → 46.5" in table and "40.0 → 42.5 (188) → 42.5" in table
+
+
+def test_update_readme_replaces_only_its_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- reproduce:begin (old) -->\nold body\n<!-- reproduce:end -->\noutro\n")
+    reproduce.update_readme(readme, "new body")
+    assert readme.read_text() == (f"intro\n{reproduce.README_BEGIN}\nnew body\n{reproduce.README_END}\noutro\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(UserError, match="no reproduce markers"):
+        reproduce.update_readme(readme, "x")
+    with pytest.raises(UserError, match="--update-readme"):
+        reproduce.main(["--quick", "--update-readme", "--out", str(tmp_path / "o")])

@@ -2,6 +2,7 @@
 
     python -m tmd_train.toy.reproduce [--out runs/reproduce] [--results docs/results] [--report docs/results.md]
                                       [--teacher DIR] [--seeds 3] [--plan] [--aggregate-only] [--quick]
+                                      [--update-readme]
 
 Cells (each run once per seed; the seed sets the stage-1 and stage-2 training seed and the evaluation noise,
 the evaluation prompts are fixed):
@@ -11,7 +12,10 @@ the evaluation prompts are fixed):
 * TMD N2H1 and N2H2 (N = 2 inner steps, H = 1 or 2 of the toy teacher's L = 6 blocks in the flow head) at
   M = 1, 2, from a TM-MeanFlow stage 1; effective NFE ``M·(1 + (N−1)·H/L)``;
 * ablations of TMD N2H1 M = 2: stage 1 with plain TM instead of TM-MF, gradients through the last inner step
-  only (``unroll=false``), stage-1 guidance from the teacher (``objective.cfg_source=teacher``).
+  only (``unroll=false``), stage-1 guidance from the teacher (``objective.cfg_source=teacher``);
+* diagnosis cells (:func:`diagnosis_cells`, ``diagnosis_seeds`` seeds): one change each to the stage-2 recipe of
+  DMD2-v M = 2 or TMD N2H1 M = 2 (learning rate, GAN term, batch) or to TMD's stage-1 length, to find out why
+  stage 2 does not pay off.
 
 Every stage runs through the real CLIs (:func:`tmd_train.toy.demo.run_stage`). A stage-1 run is shared by the
 cells that use it (one per seed and stage-1 variant). Stage 2 trains in ``curve_points`` chunks (``steps``
@@ -27,6 +31,7 @@ checkpoints of finished runs are deleted. ``--aggregate-only`` rewrites the tabl
 whatever records exist (a cell with fewer seeds shows its count). The records are small JSON files meant to be
 committed, so a fresh checkout reruns only the missing runs.
 
+``--update-readme`` also writes the tables and findings into the README's reproduce section.
 ``--plan`` prints the cells, steps and the estimated time (from the per-step costs in :data:`COSTS`) and exits.
 ``--quick`` is a smoke test of the whole pipeline (tiny sizes, three cells, one seed; under a minute of CPU),
 written to ``runs/reproduce-quick`` (its records and report too).
@@ -61,18 +66,17 @@ from .demo import EVAL_SEED, INNER_STEPS, NOISE_SEED, Row, run_stage, save_grid,
 from .tinybench import aggregate, teacher_reference, tinybench
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Seconds per unit of work on this 2-core machine with 2 torch threads, used by ``--plan``: a stage-1 step
-#: (batch 8) per head size H, a stage-2 iteration per (method, M) (batch 4; the mean over critic iterations and
-#: the generator's every 5th, start-up and export included), the sampling of one clip per NFE, TinyBench per clip
-#: and one stage CLI call's start-up. From the wall times of the full-size demo run (``make demo``: stage 1
-#: H = 1, stage 2 DMD2-v M = 2 and TMD M = 1, 2, the KD pairs' teacher sampling), the other entries scaled by
-#: the ratios of single-thread CPU times measured for every (method, M) while the machine was shared (load ~8:
-#: there, a stage-2 iteration took 1.3-1.6 s of CPU and 1.9-2.4 s of wall time per critic iteration).
+#: Seconds per unit of work with 2 torch threads on the 2-core machine of 2026-12-02 (AMD EPYC with AVX-512), used
+#: by ``--plan``: a stage-1 step (batch 8) per head size H, a stage-2 iteration per (method, M) (batch 4; the mean
+#: over critic iterations and the generator's every 5th, export included), the sampling of one clip per NFE,
+#: TinyBench per clip and one stage CLI call's start-up (imports, model build). Fitted to the 39 records of the
+#: main cells (``docs/results/runs``: the per-run seconds of stage 1, stage 2 and evaluation, less 5 s per stage
+#: call). The machines of earlier sessions were about 2.5 times slower; a machine shared with other jobs is too.
 COSTS = {
-    "stage1": {1: 0.72, 2: 0.66},
-    "stage2": {("dmd2v", 1): 0.88, ("dmd2v", 2): 0.77, ("dmd2v", 4): 0.82, ("tmd", 1): 0.75, ("tmd", 2): 0.81},
-    "sample_clip_nfe": 0.020,
-    "tinybench_clip": 0.025,
+    "stage1": {1: 0.26, 2: 0.33},
+    "stage2": {("dmd2v", 1): 0.21, ("dmd2v", 2): 0.22, ("dmd2v", 4): 0.34, ("tmd", 1): 0.24, ("tmd", 2): 0.25},
+    "sample_clip_nfe": 0.0098,
+    "tinybench_clip": 0.003,
     "stage_call": 5.0,
 }
 
@@ -99,11 +103,17 @@ class Settings:
     generator_every: int = 5
     ema_decay: float = 0.95
     disc_width: int = 64
+    diagnosis_seeds: int = 2  # seeds of the diagnosis cells (at most ``seeds``)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(seeds=1, n_eval=6, n_curve=4, curve_points=2, n_ref=16, teacher_steps=2, kd_pairs=2, kd_steps=1,
-                   stage1_steps=2, stage1_batch=2, stage2_steps=2, batch_size=2, generator_every=1)
+                   stage1_steps=2, stage1_batch=2, stage2_steps=2, batch_size=2, generator_every=1,
+                   diagnosis_seeds=1)
+
+    def seeds_of(self, cell: Cell) -> int:
+        """How many seeds ``cell`` runs with."""
+        return min(self.seeds, self.diagnosis_seeds) if cell.diagnosis else self.seeds
 
 
 @dataclass(frozen=True)
@@ -119,10 +129,15 @@ class Cell:
     cfg_source: str = "student"
     unroll: bool = True
     ablation: str = ""             # what this ablation changes (empty for the main cells)
+    stage1_steps: int = 0          # stage-1 steps (0: Settings.stage1_steps)
+    stage2_args: tuple[str, ...] = ()  # extra stage-2 ``key=value`` overrides (after the recipe's: they win)
+    diagnosis: str = ""            # a diagnosis cell: what it changes against ``base`` (a main cell's key)
+    base: str = ""
 
     @property
     def stage1_key(self) -> str:
-        return f"{self.stage1_method}_H{self.H}_M{self.M}_{self.cfg_source}"
+        key = f"{self.stage1_method}_H{self.H}_M{self.M}_{self.cfg_source}"
+        return f"{key}_steps{self.stage1_steps}" if self.stage1_steps else key
 
     def steps_label(self) -> str:
         return f"{self.M}×2" if self.kind == "teacher" else (f"{self.M}×(N={INNER_STEPS})" if self.kind == "tmd"
@@ -137,6 +152,37 @@ class Cell:
 
 
 ABLATION_BASE = "tmd_N2H1_M2"
+#: The fields of :class:`Cell` added after the first records: left out of the fingerprint at their defaults, so
+#: the records of the cells that do not use them stay valid.
+_LATER_FIELDS = ("stage1_steps", "stage2_args", "diagnosis", "base")
+
+
+def diagnosis_cells() -> list[Cell]:
+    """Why does stage 2 not pay off? Each cell changes one thing of DMD2-v M=2 or TMD N2H1 M=2.
+
+    DMD2-v's stage 2 starts from the teacher used as an M-step sampler (already close to the teacher at 4 NFE)
+    and the first records show it ending lower than it started; TMD starts from its stage-1 student, well
+    below that. So: is the generator's learning rate too high (the toy recipe's 1e-4 is ten times the
+    paper's default), does the GAN term or the small batch hurt, and is TMD's stage-1 start the bottleneck?
+    """
+    dmd = dict(kind="dmd2v", M=2, base="dmd2v_M2")
+    tmd = dict(kind="tmd", M=2, H=1, base="tmd_N2H1_M2")
+    return [
+        Cell("why_dmd2v_M2_lr1e-5", "DMD2-v M=2, lr 1e-5", **dmd, stage2_args=("lr=1e-5",),
+             diagnosis="learning rate 1e-5 (the paper's default) instead of 1e-4, for all three networks"),
+        Cell("why_dmd2v_M2_lr3e-5", "DMD2-v M=2, lr 3e-5", **dmd, stage2_args=("lr=3e-5",),
+             diagnosis="learning rate 3e-5 instead of 1e-4, for all three networks"),
+        Cell("why_dmd2v_M2_nogan", "DMD2-v M=2, no GAN", **dmd, stage2_args=("gan_weight=0",),
+             diagnosis="no GAN term (gan_weight 0)"),
+        Cell("why_dmd2v_M2_b16", "DMD2-v M=2, batch 16", **dmd, stage2_args=("batch_size=16",),
+             diagnosis="batch 16 instead of 4 (less noisy DMD and fake-score gradients)"),
+        Cell("why_tmd_M2_lr3e-5", "TMD N2H1 M=2, lr 3e-5", **tmd, stage2_args=("lr=3e-5",),
+             diagnosis="learning rate 3e-5 instead of 1e-4, for all three networks"),
+        Cell("why_tmd_M2_nogan", "TMD N2H1 M=2, no GAN", **tmd, stage2_args=("gan_weight=0",),
+             diagnosis="no GAN term (gan_weight 0)"),
+        Cell("why_tmd_M2_stage1x4", "TMD N2H1 M=2, stage 1 ×4", **tmd, stage1_steps=600,
+             diagnosis="stage 1 four times longer (600 steps instead of 150)"),
+    ]
 
 
 def make_cells(settings: Settings) -> list[Cell]:
@@ -151,7 +197,7 @@ def make_cells(settings: Settings) -> list[Cell]:
                    ablation="unroll=false: gradient through the last inner step only"),
               Cell("abl_cfg_teacher", "TMD N2H1 M=2, stage-1 CFG from teacher", "tmd", 2, 1, cfg_source="teacher",
                    ablation="stage-1 guidance: objective.cfg_source=teacher instead of student")]
-    return cells
+    return cells + diagnosis_cells()
 
 
 QUICK_CELLS = ("teacher_2", "dmd2v_M1", "tmd_N2H1_M2")
@@ -187,13 +233,19 @@ def fingerprint(settings: Settings, cell: Cell, teacher: str) -> str:
     """What a run's result depends on: the settings (but the seed count), the cell and the teacher weights."""
     s = asdict(settings)
     s.pop("seeds")
-    return hashlib.sha256(json.dumps({"settings": s, "cell": asdict(cell), "teacher": teacher},
+    s.pop("diagnosis_seeds")
+    c = asdict(cell)
+    for name in _LATER_FIELDS:
+        if c[name] == Cell.__dataclass_fields__[name].default:
+            c.pop(name)
+    return hashlib.sha256(json.dumps({"settings": s, "cell": c, "teacher": teacher},
                                      sort_keys=True).encode()).hexdigest()[:20]
 
 
 def stage1_fingerprint(settings: Settings, cell: Cell, teacher: str) -> str:
-    keys = ("stage1_steps", "stage1_batch", "stage1_lr")
-    return hashlib.sha256(json.dumps({"s": {k: getattr(settings, k) for k in keys}, "v": cell.stage1_key,
+    s = {"stage1_steps": cell.stage1_steps or settings.stage1_steps, "stage1_batch": settings.stage1_batch,
+         "stage1_lr": settings.stage1_lr}
+    return hashlib.sha256(json.dumps({"s": s, "v": cell.stage1_key,
                                       "t": teacher}, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -310,13 +362,14 @@ class Reproduce:
             shutil.rmtree(run_dir)
         write_json(run_dir / "fingerprint.json", {"fingerprint": fp})
         s = self.s
+        steps = cell.stage1_steps or s.stage1_steps
         t0 = time.perf_counter()
         run_stage("stage1", self.common_args(run_dir, seed) + [
-            f"method={cell.stage1_method}", f"steps={s.stage1_steps}", f"objective.outer_steps={cell.M}",
+            f"method={cell.stage1_method}", f"steps={steps}", f"objective.outer_steps={cell.M}",
             f"objective.inner_steps={INNER_STEPS}", f"objective.cfg_source={cell.cfg_source}",
             f"head_blocks={cell.H}", f"lr={s.stage1_lr}", f"batch_size={s.stage1_batch}",
-            f"checkpoint_every={max(1, s.stage1_steps // 4)}",
-            f"synthetic_samples={max(1000, s.stage1_steps * s.stage1_batch)}"])
+            f"checkpoint_every={max(1, steps // 4)}",
+            f"synthetic_samples={max(1000, steps * s.stage1_batch)}"])
         seconds = time.perf_counter() - t0
         _drop_checkpoints(run_dir)
         write_json(done, {"fingerprint": fp, "seconds": round(seconds, 1)})
@@ -335,7 +388,7 @@ class Reproduce:
             args += [f"init_student={init}", f"unroll={'true' if cell.unroll else 'false'}"]
         if kd is not None:
             args += [f"kd_pairs={kd}", f"kd_steps={s.kd_steps}"]
-        return args
+        return args + list(cell.stage2_args)
 
     def run_cell(self, cell: Cell, seed: int) -> dict:
         """Train (if needed), score and record one run; returns its record."""
@@ -406,8 +459,9 @@ class Reproduce:
 
     def run(self) -> int:
         """Every run not done yet, seed by seed (so that partial results cover every cell); returns their count."""
-        todo = [(seed, c) for seed in range(self.s.seeds) for c in self.cells if not self.is_done(c, seed)]
-        print(f"reproduce: {len(todo)} of {self.s.seeds * len(self.cells)} runs to do", flush=True)
+        todo = [(seed, c) for seed in range(self.s.seeds) for c in self.cells
+                if seed < self.s.seeds_of(c) and not self.is_done(c, seed)]
+        print(f"reproduce: {len(todo)} of {sum(map(self.s.seeds_of, self.cells))} runs to do", flush=True)
         for i, (seed, cell) in enumerate(todo, 1):
             print(f"\n== [{i}/{len(todo)}] {cell.name}, seed {seed}", flush=True)
             self.run_cell(cell, seed)
@@ -423,7 +477,7 @@ def _drop_checkpoints(run_dir: Path) -> None:
 def plan(settings: Settings, cells: Sequence[Cell], layers: int = 6) -> tuple[str, float]:
     """The runs and their estimated seconds (from :data:`COSTS`)."""
     s, c = settings, COSTS
-    lines = [f"{'cell':<18} {'NFE':>6} {'stage 1':>8} {'stage 2':>8} {'est. s/seed':>11}"]
+    lines = [f"{'cell':<20} {'NFE':>6} {'stage 1':>8} {'stage 2':>8} {'est. s/seed':>11} {'seeds':>5}"]
     total = 0.0
     stage1_seen: set[str] = set()
     kd_done = False
@@ -438,6 +492,9 @@ def plan(settings: Settings, cells: Sequence[Cell], layers: int = 6) -> tuple[st
         s1 = s2 = "-"
         if cell.kind != "teacher":
             M_cost = c["stage2"].get((cell.kind, cell.M), max(v for v in c["stage2"].values()))
+            batch = next((int(a.split("=", 1)[1]) for a in cell.stage2_args if a.startswith("batch_size=")),
+                         s.batch_size)
+            M_cost *= batch / s.batch_size  # the per-sample work dominates at these sizes
             steps = s.stage2_steps + (s.kd_steps if cell.M == 1 else 0)
             sec += steps * M_cost + n_curves * eval_cost(cell, s.n_curve) + (n_curves - 1) * c["stage_call"]
             s2 = str(steps)
@@ -446,14 +503,16 @@ def plan(settings: Settings, cells: Sequence[Cell], layers: int = 6) -> tuple[st
                 kd_done = True
             if cell.kind == "tmd" and cell.stage1_key not in stage1_seen:
                 stage1_seen.add(cell.stage1_key)
-                sec += s.stage1_steps * c["stage1"].get(cell.H, max(c["stage1"].values())) + c["stage_call"]
-                s1 = str(s.stage1_steps)
+                steps1 = cell.stage1_steps or s.stage1_steps
+                sec += steps1 * c["stage1"].get(cell.H, max(c["stage1"].values())) + c["stage_call"]
+                s1 = str(steps1)
             elif cell.kind == "tmd":
                 s1 = "shared"
-        total += sec * s.seeds
-        lines.append(f"{cell.key:<18} {cell.nfe(layers):>6.3g} {s1:>8} {s2:>8} {sec:>11.0f}")
+        total += sec * s.seeds_of(cell)
+        lines.append(f"{cell.key:<20} {cell.nfe(layers):>6.3g} {s1:>8} {s2:>8} {sec:>11.0f} {s.seeds_of(cell):>5}")
     total += ref
-    lines.append(f"seeds {s.seeds}; stage 2: {s.stage2_steps} DMD iterations (+{s.kd_steps} KD at M = 1), batch "
+    lines.append(f"seeds {s.seeds} (diagnosis cells {min(s.seeds, s.diagnosis_seeds)}); stage 2: {s.stage2_steps} "
+                 f"DMD iterations (+{s.kd_steps} KD at M = 1), batch "
                  f"{s.batch_size}, generator every {s.generator_every}; stage 1: {s.stage1_steps} steps, batch "
                  f"{s.stage1_batch}; TinyBench n = {s.n_eval} (curves: n = {s.n_curve} at {n_curves} points), "
                  f"n_ref = {s.n_ref}; teacher reference {ref:.0f} s")
@@ -474,7 +533,7 @@ def load_records(results: Path, cells: Sequence[Cell], settings: Settings, teach
             rec = read_json(path)
             if not isinstance(rec, dict) or rec.get("fingerprint") != fp or not isinstance(rec.get("scores"), dict):
                 stale.append(str(path))
-            elif rec.get("seed", seeds) < seeds:
+            elif rec.get("seed", seeds) < min(seeds, settings.seeds_of(cell)):
                 out.setdefault(cell.key, []).append(rec)
     return out, stale
 
@@ -551,9 +610,14 @@ def findings(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]],
             diff, se, verdict = _compare(tot[ABLATION_BASE], tot[c.key])
             lines.append(f"- Ablation, {c.ablation}: the default recipe is {verdict} it ({_fmt(base)} vs "
                          f"{_fmt(tot[c.key])}; {_diff_text(diff, se)}).")
-    moving, gains = [], []
+    for c in cells:
+        if c.diagnosis and c.key in tot and c.base in tot:
+            diff, se, verdict = _compare(tot[c.key], tot[c.base])
+            lines.append(f"- Diagnosis, {c.name} ({c.diagnosis}): {verdict} {by[c.base].name} "
+                         f"({_fmt(tot[c.key])} vs {_fmt(tot[c.base])}; {_diff_text(diff, se)}).")
+    moving, gains, peaked = [], [], []
     for key, recs in records.items():
-        if by[key].kind == "teacher":
+        if by[key].kind == "teacher" or by[key].diagnosis:
             continue
         steps, mean, _ = mean_curve(recs)
         if len(steps) >= 3:
@@ -561,6 +625,9 @@ def findings(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]],
             last = mean[-1] - mean[-2]
             if abs(last) > max(1.0, 0.25 * span):
                 moving.append(f"{by[key].name} ({last:+.1f} in the last {steps[-1] - steps[-2]} iterations)")
+            top = max(range(len(mean)), key=mean.__getitem__)
+            if top < len(mean) - 1 and mean[top] - mean[-1] > 2.0:
+                peaked.append(f"{by[key].name} ({mean[top]:.1f} at {steps[top]}, {mean[-1]:.1f} at {steps[-1]})")
         if len(steps) >= 2:
             gains.append((by[key].name, mean[-1] - mean[0]))
     if moving:
@@ -568,13 +635,52 @@ def findings(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]],
                      f"{'; '.join(moving)}.")
     elif records:
         lines.append("- Every learning curve changed by less than a quarter of its range (and ≤ 1 point) over its "
-                     "last chunk: the budget is long enough for these settings.")
+                     "last chunk: more iterations at these settings would not change the order.")
+    if peaked:
+        lines.append("- Curves that peak before the end and then fall by more than 2 points (mean curve total at "
+                     f"the peak and at the end, n = {settings.n_curve}; iteration 0 is the initial generator): "
+                     f"{'; '.join(peaked)}. There stage 2 makes the generator worse, so the budget is not what "
+                     "limits it.")
     if gains:
         lines.append("- What stage 2 adds to the initial generator (curve total, last point − step 0, n = "
                      f"{settings.n_curve}): " + ", ".join(f"{n} {g:+.1f}" for n, g in gains) + ".")
-    few = sorted({len(v) for v in records.values()})
-    if few and few[0] < settings.seeds:
-        lines.append(f"- Partial results: some cells have only {few[0]} of {settings.seeds} seeds.")
+    short = sorted((len(v), settings.seeds_of(by[k])) for k, v in records.items() if len(v) < settings.seeds_of(by[k]))
+    if short:
+        lines.append(f"- Partial results: some cells have only {short[0][0]} of {short[0][1]} seeds.")
+    return "\n".join(lines)
+
+
+def curve_summary(records: Sequence[dict]) -> str:
+    """``start → peak (at iteration) → end`` of the mean learning curve."""
+    steps, mean, _ = mean_curve(records)
+    if len(steps) < 2:
+        return "–"
+    top = max(range(len(mean)), key=mean.__getitem__)
+    return f"{mean[0]:.1f} → {mean[top]:.1f} ({steps[top]}) → {mean[-1]:.1f}"
+
+
+def diagnosis_table(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]]) -> str:
+    """One row per diagnosis cell and the main cells they change, with the curve's start, peak and end."""
+    lines = ["| cell | what changes | seeds | total | Δ total vs its base | curve: start → peak (iteration) → end "
+             "| FD | teacher FD | fidelity |", "|---|---|---|---|---|---|---|---|---|"]
+    by = {c.key: c for c in cells}
+    order: list[Cell] = []
+    for c in cells:
+        if c.diagnosis:
+            if c.base in by and by[c.base] not in order:
+                order.append(by[c.base])
+            order.append(c)
+    for c in order:
+        st = stats.get(c.key)
+        if st is None:
+            continue
+        delta = "–"
+        if c.diagnosis and c.base in stats:
+            diff, se, _ = _compare(st["total"], stats[c.base]["total"])
+            delta = _diff_text(diff, se)
+        lines.append(f"| {c.name} | {c.diagnosis or 'the recipe (base)'} | {st['total'][2]} | {_fmt(st['total'])} | "
+                     f"{delta} | {curve_summary(records.get(c.key, []))} | {_fmt(st.get('fd'), 2)} | "
+                     f"{_fmt(st.get('teacher_fd'), 2)} | {_fmt(st.get('fidelity'))} |")
     return "\n".join(lines)
 
 
@@ -630,6 +736,8 @@ def plot_nfe(cells: Sequence[Cell], stats: dict, layers: int, path: Path) -> Non
         marker, colour = style[c.kind]
         if c.ablation:
             colour = "tab:orange"
+        if c.diagnosis:
+            colour = "tab:green"
         m, sd, _ = st["total"]
         ax.errorbar(c.nfe(layers), m, yerr=sd, fmt=marker, color=colour, capsize=3, ms=5)
         ax.annotate(c.name, (c.nfe(layers), m), fontsize=6, xytext=(4, 3), textcoords="offset points")
@@ -647,7 +755,8 @@ def plot_curves(cells: Sequence[Cell], records: dict[str, list[dict]], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4), sharey=True)
+    bases = {c.base for c in cells if c.diagnosis}
     for c in cells:
         recs = records.get(c.key)
         if c.kind == "teacher" or not recs:
@@ -655,11 +764,16 @@ def plot_curves(cells: Sequence[Cell], records: dict[str, list[dict]], path: Pat
         steps, mean, std = mean_curve(recs)
         if not steps:
             continue
-        ax = axes[1] if (c.ablation or c.key == ABLATION_BASE) else axes[0]
-        line, = ax.plot(steps, mean, marker=".", label=f"{c.name} ({len(recs)} seeds)")
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
-                        [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.15)
-    for ax, title in zip(axes, ("DMD2-v and TMD", "ablations of TMD N2H1 M=2"), strict=True):
+        panels = [axes[2]] if c.diagnosis else [axes[1] if (c.ablation or c.key == ABLATION_BASE) else axes[0]]
+        if c.key in bases:
+            panels.append(axes[2])
+        for ax in panels:
+            line, = ax.plot(steps, mean, marker=".", label=f"{c.name} ({len(recs)} seeds)",
+                            linestyle="--" if ax is axes[2] and not c.diagnosis else "-")
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.15)
+    titles = ("DMD2-v and TMD", "ablations of TMD N2H1 M=2", "diagnosis: one change to the recipe (dashed: base)")
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("stage-2 DMD iterations (0: the initial generator)")
         ax.grid(alpha=0.3)
@@ -671,9 +785,25 @@ def plot_curves(cells: Sequence[Cell], records: dict[str, list[dict]], path: Pat
     plt.close(fig)
 
 
+README_BEGIN = "<!-- reproduce:begin (written by python -m tmd_train.toy.reproduce --update-readme) -->"
+README_END = "<!-- reproduce:end -->"
+
+
+def update_readme(readme: Path, body: str) -> None:
+    """Replace the README's reproduce section (between :data:`README_BEGIN` and :data:`README_END`)."""
+    text = readme.read_text()
+    begin = next((line for line in text.splitlines() if line.startswith("<!-- reproduce:begin")), None)
+    if begin is None or README_END not in text:
+        raise UserError(f"{readme} has no reproduce markers ({README_BEGIN!r} ... {README_END!r})")
+    pre, rest = text.split(begin, 1)
+    _, post = rest.split(README_END, 1)
+    readme.write_text(f"{pre}{README_BEGIN}\n{body}\n{README_END}{post}")
+
+
 def write_report(out: Path, results: Path, report: Path, settings: Settings, cells: Sequence[Cell],
-                 teacher_dir: Path, command: str) -> str:
-    """Regenerate the tables, plots, overview picture and ``report`` from the records; returns the report."""
+                 teacher_dir: Path, command: str, readme: Path | None = None) -> str:
+    """Regenerate the tables, plots, overview picture and ``report`` from the records (and the README's
+    reproduce section when ``readme`` is given); returns the report."""
     teacher = teacher_digest(teacher_dir)
     layers = int(json.loads((teacher_dir / "config.json").read_text())["num_layers"])
     records, stale = load_records(results, cells, settings, teacher, settings.seeds)
@@ -698,7 +828,7 @@ def write_report(out: Path, results: Path, report: Path, settings: Settings, cel
                    + sum(stage1.values()))
     dates = sorted(r.get("finished", "") for r in all_recs)
     commits = sorted({r.get("commit", "?") for r in all_recs})
-    n_runs, n_all = len(all_recs), settings.seeds * len(cells)
+    n_runs, n_all = len(all_recs), sum(map(settings.seeds_of, cells))
     s = settings
     grids = [c for c in cells if (results / "samples" / f"{c.key}.png").is_file() and c.key in stats]
     ignored = f"; stale or unreadable records ignored: {len(stale)}" if stale else ""
@@ -710,7 +840,8 @@ def write_report(out: Path, results: Path, report: Path, settings: Settings, cel
 Written by `{command}` (regenerate the text, tables and plots from the records with
 `python -m tmd_train.toy.reproduce --aggregate-only`). Records: `{rel}/runs/<cell>/seed<k>.json`.
 
-- runs finished: {n_runs} of {n_all} ({len(cells)} cells × {s.seeds} seeds){ignored}
+- runs finished: {n_runs} of {n_all} ({len(cells)} cells: {s.seeds} seeds each, diagnosis cells \
+{min(s.seeds, s.diagnosis_seeds)}){ignored}
 - finished between {dates[0] if dates else '–'} and {dates[-1] if dates else '–'} (UTC),
   commit(s) {', '.join(commits) or '–'}
 - machine: {platform.machine()}, {os.cpu_count()} CPU core(s), torch {torch.__version__}; teacher
@@ -724,11 +855,18 @@ TinyBench against {s.n_ref} real clips; teacher FD / agreement / fidelity agains
 
 ## Headline
 
-{results_table([c for c in cells if not c.ablation], stats, layers)}
+{results_table([c for c in cells if not c.ablation and not c.diagnosis], stats, layers)}
 
 ## Ablations (on TMD N2H1 M=2)
 
 {ablation_table(cells, stats)}
+
+## Diagnosis: why stage 2 does not pay off
+
+Each diagnosis cell changes one thing of a main cell's recipe ({min(s.seeds, s.diagnosis_seeds)} seeds). The curve
+column is the mean learning curve (n = {s.n_curve}): the initial generator, the best point and the last.
+
+{diagnosis_table(cells, stats, records)}
 
 ## What the numbers support
 
@@ -769,6 +907,26 @@ Per cell (4 clips, frames left to right): {', '.join(f'[{c.key}]({rel}/samples/{
 """
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text)
+    if readme is not None:
+        day = dates[-1][:10] if dates else "–"
+        rel_readme = os.path.relpath(report, readme.parent)
+        state = "all" if n_runs == n_all else "partial:"
+        body = f"""**`make reproduce`, {day} ({state} {n_runs} of {n_all} runs; commit(s) {', '.join(commits) or '–'};
+{run_seconds / 3600:.2f} h of runs on a {os.cpu_count()}-core CPU).** Mean ± std over seeds, TinyBench on {s.n_eval}
+prompts; the full report with curves, plots and samples: [{rel_readme}]({rel_readme}).
+
+{results_table([c for c in cells if not c.ablation and not c.diagnosis], stats, layers)}
+
+Ablations of TMD N2H1 M = 2:
+
+{ablation_table(cells, stats)}
+
+Diagnosis (one change to a main cell's recipe; curve: initial generator → best → last, n = {s.n_curve}):
+
+{diagnosis_table(cells, stats, records)}
+
+{findings(cells, stats, records, settings) or '- No finished runs yet.'}"""
+        update_readme(readme, body)
     for path in stale:
         print(f"ignored (stale settings or unreadable): {path}", file=sys.stderr)
     return text
@@ -794,8 +952,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plan", action="store_true", help="print the cells, steps and estimated time, run nothing")
     ap.add_argument("--aggregate-only", action="store_true",
                     help="only rewrite the tables, plots and the report from the finished runs' records")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="also write the tables and findings into README.md (between its reproduce markers)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = ap.parse_args(argv)
+    if args.update_readme and args.quick:
+        raise UserError("--update-readme is for the full run, not --quick")
     settings = Settings.quick() if args.quick else Settings()
     if args.seeds is not None:
         if args.seeds < 1:
@@ -834,7 +996,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "command": command, "wall_seconds": round(time.perf_counter() - t0, 1), "runs": done,
                 "threads": args.threads,
                 "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-    write_report(out, results, report, settings, cells, teacher_dir, command)
+    write_report(out, results, report, settings, cells, teacher_dir, command,
+                 ROOT / "README.md" if args.update_readme else None)
     print(f"reproduce: report in {report}", flush=True)
     return 0
 
