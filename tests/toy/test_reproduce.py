@@ -217,7 +217,8 @@ def test_findings_name_peaked_curves_and_diagnoses():
     steps = reproduce.curve_steps(settings)
     falling = [{"steps": s, "total": t} for s, t in zip(steps, (55, 54, 47, 46, 46.5), strict=True)]
     flat = [{"steps": s, "total": t} for s, t in zip(steps, (40, 41, 42, 42.5, 42.5), strict=True)]
-    recs = {"dmd2v_M2": [{"curve": falling}] * 3, "why_dmd2v_M2_lr1e-5": [{"curve": flat}] * 2}
+    recs = {"dmd2v_M2": [{"seed": k, "curve": falling, "scores": {"total": 49.0 + k}} for k in range(3)],
+            "why_dmd2v_M2_lr1e-5": [{"seed": k, "curve": flat, "scores": {"total": 55.5 + k}} for k in range(2)]}
     stats = {"dmd2v_M2": {"total": (49.0, 1.0, 3)}, "why_dmd2v_M2_lr1e-5": {"total": (56.0, 1.0, 2)}}
     text = reproduce.findings(cells, stats, recs, settings)
     assert "peak before the end" in text and "DMD2-v M=2 (55.0 at 0, 46.5 at 250)" in text
@@ -226,6 +227,7 @@ def test_findings_name_peaked_curves_and_diagnoses():
     table = reproduce.diagnosis_table(cells, stats, recs)
     assert "| DMD2-v M=2 | the recipe (base) | 3 | 49.0 ± 1.0 |" in table
     assert "55.0 → 55.0 (0) → 46.5" in table and "40.0 → 42.5 (188) → 42.5" in table
+    assert "+6.5 ± 0.0 (n = 2)" in table and "paired by seed +6.5 ± 0.0 (n = 2)" in text
 
 
 def test_update_readme_replaces_only_its_section(tmp_path):
@@ -238,3 +240,19 @@ def test_update_readme_replaces_only_its_section(tmp_path):
         reproduce.update_readme(readme, "x")
     with pytest.raises(UserError, match="--update-readme"):
         reproduce.main(["--quick", "--update-readme", "--out", str(tmp_path / "o")])
+
+
+def test_paired_differences_use_common_seeds():
+    def recs(*totals, seeds=None):
+        return [{"seed": s, "scores": {"total": t}} for s, t in zip(seeds or range(len(totals)), totals, strict=True)]
+
+    records = {"a": recs(50.0, 47.0, 45.0), "b": recs(49.0, 46.2, 43.8, seeds=[0, 1, 2])}
+    mean, sd, n = reproduce.paired(records, "a", "b")
+    assert n == 3 and abs(mean - 1.0) < 1e-9 and abs(sd - 0.2) < 1e-9
+    # the shared seed-to-seed spread (5 points) cancels: paired says higher, the unpaired test cannot
+    assert reproduce._paired_verdict((mean, sd, n)) == "higher than"
+    assert reproduce._compare((47.33, 2.5, 3), (46.33, 2.6, 3))[2] == "not distinguishable from"
+    assert reproduce.paired({"a": recs(1.0), "b": recs(2.0, seeds=[5])}, "a", "b") is None
+    assert reproduce._paired_verdict((1.0, 0.0, 1)) is None
+    assert reproduce._paired_verdict((0.3, 1.0, 3)) == "not distinguishable from"
+    assert reproduce._paired_text((1.0, 0.2, 3)) == "+1.0 ± 0.2 (n = 3)"

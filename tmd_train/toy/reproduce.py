@@ -560,6 +560,37 @@ def _diff_text(diff: float, se: float | None) -> str:
     return f"{diff:+.1f}" + (f" ± {se:.1f} s.e." if se is not None else ", one seed: no uncertainty")
 
 
+def paired(records: dict[str, list[dict]], a: str, b: str, metric: str = "total") -> tuple[float, float, int] | None:
+    """Mean, std and count of the per-seed differences ``a − b`` over the seeds both cells have. A seed fixes
+    the evaluation noise and the training's random stream in every cell, so a variant and its base run with
+    the same seed differ only by what the variant changes: the paired difference cancels the noise the two
+    share (the unpaired comparison keeps it). None without a common seed."""
+    by_a = {r["seed"]: r["scores"][metric] for r in records.get(a, [])}
+    by_b = {r["seed"]: r["scores"][metric] for r in records.get(b, [])}
+    diffs = [by_a[k] - by_b[k] for k in sorted(by_a.keys() & by_b.keys())]
+    if not diffs:
+        return None
+    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0), len(diffs)
+
+
+def _paired_text(d: tuple[float, float, int] | None) -> str:
+    if d is None:
+        return "–"
+    mean, sd, n = d
+    return f"{mean:+.1f} ± {sd:.1f} (n = {n})" if n > 1 else f"{mean:+.1f} (n = 1)"
+
+
+def _paired_verdict(d: tuple[float, float, int] | None) -> str | None:
+    """"higher than" / "lower than" beyond two standard errors of the paired mean, else "not distinguishable
+    from"; None with fewer than 2 pairs."""
+    if d is None or d[2] < 2:
+        return None
+    mean, sd, n = d
+    if abs(mean) > 2 * sd / math.sqrt(n):
+        return "higher than" if mean > 0 else "lower than"
+    return "not distinguishable from"
+
+
 def mean_curve(records: Sequence[dict], metric: str = "total") -> tuple[list[int], list[float], list[float]]:
     """Steps, mean and std over seeds of a metric along the learning curves (steps every seed has)."""
     by: dict[int, list[float]] = {}
@@ -608,13 +639,19 @@ def findings(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]],
     for c in cells:
         if c.ablation and c.key in tot and base is not None:
             diff, se, verdict = _compare(tot[ABLATION_BASE], tot[c.key])
+            pair = paired(records, ABLATION_BASE, c.key)
+            verdict = _paired_verdict(pair) or verdict
             lines.append(f"- Ablation, {c.ablation}: the default recipe is {verdict} it ({_fmt(base)} vs "
-                         f"{_fmt(tot[c.key])}; {_diff_text(diff, se)}).")
+                         f"{_fmt(tot[c.key])}; unpaired {_diff_text(diff, se)}; paired by seed "
+                         f"{_paired_text(pair)}).")
     for c in cells:
         if c.diagnosis and c.key in tot and c.base in tot:
             diff, se, verdict = _compare(tot[c.key], tot[c.base])
+            pair = paired(records, c.key, c.base)
+            verdict = _paired_verdict(pair) or verdict
             lines.append(f"- Diagnosis, {c.name} ({c.diagnosis}): {verdict} {by[c.base].name} "
-                         f"({_fmt(tot[c.key])} vs {_fmt(tot[c.base])}; {_diff_text(diff, se)}).")
+                         f"({_fmt(tot[c.key])} vs {_fmt(tot[c.base])}; unpaired {_diff_text(diff, se)}; paired by "
+                         f"seed {_paired_text(pair)}).")
     moving, gains, peaked = [], [], []
     for key, recs in records.items():
         if by[key].kind == "teacher" or by[key].diagnosis:
@@ -661,8 +698,9 @@ def curve_summary(records: Sequence[dict]) -> str:
 
 def diagnosis_table(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]]) -> str:
     """One row per diagnosis cell and the main cells they change, with the curve's start, peak and end."""
-    lines = ["| cell | what changes | seeds | total | Δ total vs its base | curve: start → peak (iteration) → end "
-             "| FD | teacher FD | fidelity |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | what changes | seeds | total | Δ total vs its base | paired Δ (same seeds) "
+             "| curve: start → peak (iteration) → end | FD | teacher FD | fidelity |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     by = {c.key: c for c in cells}
     order: list[Cell] = []
     for c in cells:
@@ -674,12 +712,12 @@ def diagnosis_table(cells: Sequence[Cell], stats: dict, records: dict[str, list[
         st = stats.get(c.key)
         if st is None:
             continue
-        delta = "–"
+        delta = pair = "–"
         if c.diagnosis and c.base in stats:
             diff, se, _ = _compare(st["total"], stats[c.base]["total"])
-            delta = _diff_text(diff, se)
+            delta, pair = _diff_text(diff, se), _paired_text(paired(records, c.key, c.base))
         lines.append(f"| {c.name} | {c.diagnosis or 'the recipe (base)'} | {st['total'][2]} | {_fmt(st['total'])} | "
-                     f"{delta} | {curve_summary(records.get(c.key, []))} | {_fmt(st.get('fd'), 2)} | "
+                     f"{delta} | {pair} | {curve_summary(records.get(c.key, []))} | {_fmt(st.get('fd'), 2)} | "
                      f"{_fmt(st.get('teacher_fd'), 2)} | {_fmt(st.get('fidelity'))} |")
     return "\n".join(lines)
 
@@ -702,9 +740,9 @@ def results_table(cells: Sequence[Cell], stats: dict, layers: int) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(cells: Sequence[Cell], stats: dict) -> str:
-    lines = ["| variant of TMD N2H1 M=2 | seeds | total | Δ total vs default | teacher FD | fidelity |",
-             "|---|---|---|---|---|---|"]
+def ablation_table(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]] | None = None) -> str:
+    lines = ["| variant of TMD N2H1 M=2 | seeds | total | Δ total vs default | paired Δ (same seeds) | teacher FD "
+             "| fidelity |", "|---|---|---|---|---|---|---|"]
     base = stats.get(ABLATION_BASE)
     for c in cells:
         if c.key != ABLATION_BASE and not c.ablation:
@@ -712,12 +750,12 @@ def ablation_table(cells: Sequence[Cell], stats: dict) -> str:
         st = stats.get(c.key)
         if st is None:
             continue
-        delta = "–"
+        delta = pair = "–"
         if c.ablation and base is not None:
             diff, se, _ = _compare(st["total"], base["total"])
-            delta = _diff_text(diff, se)
+            delta, pair = _diff_text(diff, se), _paired_text(paired(records or {}, c.key, ABLATION_BASE))
         lines.append(f"| {c.ablation or 'default (TM-MF init, full unrolling, student CFG)'} | {st['total'][2]} | "
-                     f"{_fmt(st['total'])} | {delta} | {_fmt(st.get('teacher_fd'), 2)} | "
+                     f"{_fmt(st['total'])} | {delta} | {pair} | {_fmt(st.get('teacher_fd'), 2)} | "
                      f"{_fmt(st.get('fidelity'))} |")
     return "\n".join(lines)
 
@@ -859,7 +897,7 @@ TinyBench against {s.n_ref} real clips; teacher FD / agreement / fidelity agains
 
 ## Ablations (on TMD N2H1 M=2)
 
-{ablation_table(cells, stats)}
+{ablation_table(cells, stats, records)}
 
 ## Diagnosis: why stage 2 does not pay off
 
@@ -873,7 +911,9 @@ column is the mean learning curve (n = {s.n_curve}): the initial generator, the 
 {findings(cells, stats, records, settings) or '- No finished runs yet.'}
 
 Differences are called "higher"/"lower" only beyond two standard errors of the difference of means over seeds;
-the seed-to-seed spread includes training and evaluation noise, with {s.seeds} seed(s) a rough estimate.
+the seed-to-seed spread includes training and evaluation noise, with {s.seeds} seed(s) a rough estimate. An
+ablation or diagnosis cell and its base share each seed's evaluation noise and training random stream, so their
+verdicts use the per-seed (paired) differences when both have at least 2 seeds in common.
 
 ## Learning curves and TinyBench vs NFE
 
@@ -919,7 +959,7 @@ prompts; the full report with curves, plots and samples: [{rel_readme}]({rel_rea
 
 Ablations of TMD N2H1 M = 2:
 
-{ablation_table(cells, stats)}
+{ablation_table(cells, stats, records)}
 
 Diagnosis (one change to a main cell's recipe; curve: initial generator → best → last, n = {s.n_curve}):
 
