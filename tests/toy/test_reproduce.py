@@ -256,3 +256,15 @@ def test_paired_differences_use_common_seeds():
     assert reproduce._paired_verdict((1.0, 0.0, 1)) is None
     assert reproduce._paired_verdict((0.3, 1.0, 3)) == "not distinguishable from"
     assert reproduce._paired_text((1.0, 0.2, 3)) == "+1.0 ± 0.2 (n = 3)"
+
+
+def test_verdicts_use_student_t_thresholds():
+    assert reproduce.t95(1) == 12.706 and reproduce.t95(2.5) == 4.303 and reproduce.t95(100) == 1.96
+    # 3 seeds a side: Welch df = 4, threshold 2.78 s.e.; a 2.45 s.e. difference is not called one
+    diff, se, verdict = reproduce._compare((10.0, 1.0, 3), (8.0, 1.0, 3))
+    assert abs(se - (2 / 3) ** 0.5) < 1e-12 and verdict == "not distinguishable from"
+    assert reproduce._compare((10.5, 1.0, 3), (8.0, 1.0, 3))[2] == "higher than"
+    # 3 pairs: t(2) = 4.30; with 2 pairs the paired test does not decide (the unpaired one does)
+    assert reproduce._paired_verdict((2.5, 1.0, 3)) == "higher than"
+    assert reproduce._paired_verdict((2.5, 1.1, 3)) == "not distinguishable from"
+    assert reproduce._paired_verdict((2.5, 0.2, 2)) is None

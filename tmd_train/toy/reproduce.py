@@ -163,7 +163,8 @@ def diagnosis_cells() -> list[Cell]:
     DMD2-v's stage 2 starts from the teacher used as an M-step sampler (already close to the teacher at 4 NFE)
     and the first records show it ending lower than it started; TMD starts from its stage-1 student, well
     below that. So: is the generator's learning rate too high (the toy recipe's 1e-4 is ten times the
-    paper's default), does the GAN term or the small batch hurt, and is TMD's stage-1 start the bottleneck?
+    paper's default), does the GAN term or the small batch hurt, does the fake score lag behind the generator,
+    does the guided target (CFG in the real score) pull it away, and is TMD's stage-1 start the bottleneck?
     """
     dmd = dict(kind="dmd2v", M=2, base="dmd2v_M2")
     tmd = dict(kind="tmd", M=2, H=1, base="tmd_N2H1_M2")
@@ -176,6 +177,11 @@ def diagnosis_cells() -> list[Cell]:
              diagnosis="no GAN term (gan_weight 0)"),
         Cell("why_dmd2v_M2_b16", "DMD2-v M=2, batch 16", **dmd, stage2_args=("batch_size=16",),
              diagnosis="batch 16 instead of 4 (less noisy DMD and fake-score gradients)"),
+        Cell("why_dmd2v_M2_critic10", "DMD2-v M=2, generator every 10", **dmd, stage2_args=("generator_every=10",),
+             diagnosis="9 fake-score updates per generator update instead of 4 (a critic closer to the generator's "
+                       "distribution; 25 generator updates instead of 50)"),
+        Cell("why_dmd2v_M2_cfg1", "DMD2-v M=2, real score without CFG", **dmd, stage2_args=("dmd.cfg_scale=1",),
+             diagnosis="the real score without guidance (CFG 1 instead of 3: the target is the unguided teacher)"),
         Cell("why_tmd_M2_lr3e-5", "TMD N2H1 M=2, lr 3e-5", **tmd, stage2_args=("lr=3e-5",),
              diagnosis="learning rate 3e-5 instead of 1e-4, for all three networks"),
         Cell("why_tmd_M2_nogan", "TMD N2H1 M=2, no GAN", **tmd, stage2_args=("gan_weight=0",),
@@ -545,13 +551,29 @@ def _fmt(stat: tuple[float, float, int] | None, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
+#: Two-sided 95 % quantiles of Student's t by degrees of freedom (1-10, then 15, 20, 30; above: 1.96).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: float) -> float:
+    """The two-sided 95 % Student-t threshold for ``df`` degrees of freedom (rounded down to a tabulated
+    value: conservative)."""
+    if df >= 30:
+        return 2.042 if df < 60 else 1.96
+    return _T95[max(k for k in _T95 if k <= max(1.0, df))]
+
+
 def _compare(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[float, float | None, str]:
-    """Difference of means, its standard error (None with one seed on a side) and a verdict word."""
+    """Difference of means, its standard error (None with one seed on a side) and a verdict word: a
+    difference only beyond the 95 % Welch t threshold (t(df)·s.e., Welch-Satterthwaite df)."""
     diff = a[0] - b[0]
     if a[2] < 2 or b[2] < 2:
         return diff, None, "higher than" if diff > 0 else "lower than"
-    se = math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
-    if abs(diff) > 2 * se:
+    va, vb = a[1] ** 2 / a[2], b[1] ** 2 / b[2]
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (a[2] - 1) + vb ** 2 / (b[2] - 1)) if va + vb > 0 else math.inf
+    if abs(diff) > t95(df) * se:
         return diff, se, "higher than" if diff > 0 else "lower than"
     return diff, se, "not distinguishable from"
 
@@ -581,12 +603,13 @@ def _paired_text(d: tuple[float, float, int] | None) -> str:
 
 
 def _paired_verdict(d: tuple[float, float, int] | None) -> str | None:
-    """"higher than" / "lower than" beyond two standard errors of the paired mean, else "not distinguishable
-    from"; None with fewer than 2 pairs."""
-    if d is None or d[2] < 2:
+    """"higher than" / "lower than" beyond the 95 % t threshold of the paired mean (t(n−1)·sd/√n), else "not
+    distinguishable from"; None with fewer than 3 pairs (with 2, t(1) = 12.7 makes the paired test weaker than
+    the unpaired one, which then decides)."""
+    if d is None or d[2] < 3:
         return None
     mean, sd, n = d
-    if abs(mean) > 2 * sd / math.sqrt(n):
+    if abs(mean) > t95(n - 1) * sd / math.sqrt(n):
         return "higher than" if mean > 0 else "lower than"
     return "not distinguishable from"
 
@@ -910,10 +933,12 @@ column is the mean learning curve (n = {s.n_curve}): the initial generator, the 
 
 {findings(cells, stats, records, settings) or '- No finished runs yet.'}
 
-Differences are called "higher"/"lower" only beyond two standard errors of the difference of means over seeds;
-the seed-to-seed spread includes training and evaluation noise, with {s.seeds} seed(s) a rough estimate. An
-ablation or diagnosis cell and its base share each seed's evaluation noise and training random stream, so their
-verdicts use the per-seed (paired) differences when both have at least 2 seeds in common.
+Differences are called "higher"/"lower" only beyond the two-sided 95 % Student-t threshold: t·s.e. of the
+difference of means over seeds with Welch's degrees of freedom (with 3 seeds a side, about 2.8 s.e.). The
+seed-to-seed spread includes training and evaluation noise. An ablation or diagnosis cell and its base share each
+seed's evaluation noise and training random stream, so their verdicts use the per-seed (paired) differences when
+they have at least 3 seeds in common, beyond t(n−1)·sd/√n; with 2 (the diagnosis cells) the unpaired test decides
+(a paired one on 2 pairs has t(1) = 12.7) and the paired difference is shown for reading.
 
 ## Learning curves and TinyBench vs NFE
 
