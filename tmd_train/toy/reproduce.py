@@ -130,6 +130,8 @@ class Cell:
     unroll: bool = True
     ablation: str = ""             # what this ablation changes (empty for the main cells)
     stage1_steps: int = 0          # stage-1 steps (0: Settings.stage1_steps)
+    stage1_lr: float = 0.0         # stage-1 learning rate (0: Settings.stage1_lr)
+    no_stage1: bool = False        # tmd: stage 2 starts from the student copied from the teacher (no stage 1)
     stage2_args: tuple[str, ...] = ()  # extra stage-2 ``key=value`` overrides (after the recipe's: they win)
     diagnosis: str = ""            # a diagnosis cell: what it changes against ``base`` (a main cell's key)
     base: str = ""
@@ -137,7 +139,8 @@ class Cell:
     @property
     def stage1_key(self) -> str:
         key = f"{self.stage1_method}_H{self.H}_M{self.M}_{self.cfg_source}"
-        return f"{key}_steps{self.stage1_steps}" if self.stage1_steps else key
+        key += f"_steps{self.stage1_steps}" if self.stage1_steps else ""
+        return key + (f"_lr{self.stage1_lr:g}" if self.stage1_lr else "")
 
     def steps_label(self) -> str:
         return f"{self.M}×2" if self.kind == "teacher" else (f"{self.M}×(N={INNER_STEPS})" if self.kind == "tmd"
@@ -154,7 +157,7 @@ class Cell:
 ABLATION_BASE = "tmd_N2H1_M2"
 #: The fields of :class:`Cell` added after the first records: left out of the fingerprint at their defaults, so
 #: the records of the cells that do not use them stay valid.
-_LATER_FIELDS = ("stage1_steps", "stage2_args", "diagnosis", "base")
+_LATER_FIELDS = ("stage1_steps", "stage1_lr", "no_stage1", "stage2_args", "diagnosis", "base")
 
 
 def diagnosis_cells() -> list[Cell]:
@@ -188,6 +191,11 @@ def diagnosis_cells() -> list[Cell]:
              diagnosis="no GAN term (gan_weight 0)"),
         Cell("why_tmd_M2_stage1x4", "TMD N2H1 M=2, stage 1 ×4", **tmd, stage1_steps=600,
              diagnosis="stage 1 four times longer (600 steps instead of 150)"),
+        Cell("why_tmd_M2_s1lr2e-5", "TMD N2H1 M=2, stage-1 lr 2e-5", **tmd, stage1_lr=2e-5,
+             diagnosis="stage 1 at learning rate 2e-5 instead of 2e-4"),
+        Cell("why_tmd_M2_nostage1", "TMD N2H1 M=2, no stage 1", **tmd, no_stage1=True,
+             diagnosis="no stage 1: stage 2 starts from the student copied from the teacher (its head "
+                       "reproduces the teacher at init)"),
     ]
 
 
@@ -250,7 +258,7 @@ def fingerprint(settings: Settings, cell: Cell, teacher: str) -> str:
 
 def stage1_fingerprint(settings: Settings, cell: Cell, teacher: str) -> str:
     s = {"stage1_steps": cell.stage1_steps or settings.stage1_steps, "stage1_batch": settings.stage1_batch,
-         "stage1_lr": settings.stage1_lr}
+         "stage1_lr": cell.stage1_lr or settings.stage1_lr}
     return hashlib.sha256(json.dumps({"s": s, "v": cell.stage1_key,
                                       "t": teacher}, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -373,7 +381,7 @@ class Reproduce:
         run_stage("stage1", self.common_args(run_dir, seed) + [
             f"method={cell.stage1_method}", f"steps={steps}", f"objective.outer_steps={cell.M}",
             f"objective.inner_steps={INNER_STEPS}", f"objective.cfg_source={cell.cfg_source}",
-            f"head_blocks={cell.H}", f"lr={s.stage1_lr}", f"batch_size={s.stage1_batch}",
+            f"head_blocks={cell.H}", f"lr={cell.stage1_lr or s.stage1_lr}", f"batch_size={s.stage1_batch}",
             f"checkpoint_every={max(1, steps // 4)}",
             f"synthetic_samples={max(1000, steps * s.stage1_batch)}"])
         seconds = time.perf_counter() - t0
@@ -391,7 +399,7 @@ class Reproduce:
             "sample_every=0", f"ema_decay={s.ema_decay}", f"disc_width={s.disc_width}", "disc_groups=16",
             "checkpoint_every=1000000"]
         if cell.kind == "tmd":
-            args += [f"init_student={init}", f"unroll={'true' if cell.unroll else 'false'}"]
+            args += [f"unroll={'true' if cell.unroll else 'false'}"] + ([f"init_student={init}"] if init else [])
         if kd is not None:
             args += [f"kd_pairs={kd}", f"kd_steps={s.kd_steps}"]
         return args + list(cell.stage2_args)
@@ -410,7 +418,7 @@ class Reproduce:
             model = self.teacher
         else:
             init = kd = None
-            if cell.kind == "tmd":
+            if cell.kind == "tmd" and not cell.no_stage1:
                 init, seconds["stage1"] = self.stage1(cell, seed)
             if cell.M == 1 and s.kd_steps > 0:
                 kd = self.kd_pairs()
@@ -430,7 +438,12 @@ class Reproduce:
                 else:
                     folder = init if cell.kind == "tmd" else self.teacher_dir
                 t0 = time.perf_counter()
-                scores, _, _ = self.evaluate(cell, self.load_generator(cell, folder), seed, min(s.n_curve, s.n_eval))
+                if folder is not None:
+                    model = self.load_generator(cell, folder)
+                else:  # no stage 1: the student stage 2 builds from the teacher (its head reproduces the teacher)
+                    from ..models.student import TMDStudent
+                    model = TMDStudent.from_teacher(self.teacher, head_blocks=cell.H).eval()
+                scores, _, _ = self.evaluate(cell, model, seed, min(s.n_curve, s.n_eval))
                 seconds["curve_eval"] += time.perf_counter() - t0
                 curve.append({"steps": steps, "generator_updates": steps // s.generator_every,
                               **{k: round(v, 4) for k, v in scores.items()}})
@@ -507,7 +520,9 @@ def plan(settings: Settings, cells: Sequence[Cell], layers: int = 6) -> tuple[st
             if cell.M == 1 and s.kd_steps > 0 and not kd_done:
                 total += s.kd_pairs * 2 * s.teacher_steps * c["sample_clip_nfe"]  # once, shared by the seeds
                 kd_done = True
-            if cell.kind == "tmd" and cell.stage1_key not in stage1_seen:
+            if cell.kind == "tmd" and cell.no_stage1:
+                s1 = "none"
+            elif cell.kind == "tmd" and cell.stage1_key not in stage1_seen:
                 stage1_seen.add(cell.stage1_key)
                 steps1 = cell.stage1_steps or s.stage1_steps
                 sec += steps1 * c["stage1"].get(cell.H, max(c["stage1"].values())) + c["stage_call"]
@@ -884,7 +899,8 @@ def write_report(out: Path, results: Path, report: Path, settings: Settings, cel
     all_recs = [r for v in records.values() for r in v]
     # a stage-1 run is shared by the cells of its variant: count its seconds once
     stage1 = {(r["cell_def"]["stage1_method"], r["cell_def"]["H"], r["cell_def"]["M"], r["cell_def"]["cfg_source"],
-               r["seed"]): r["seconds"].get("stage1", 0.0) for r in all_recs if r.get("kind") == "tmd"}
+               r["cell_def"].get("stage1_steps", 0), r["cell_def"].get("stage1_lr", 0.0), r["seed"]):
+              r["seconds"].get("stage1", 0.0) for r in all_recs if r.get("kind") == "tmd"}
     run_seconds = (sum(v for r in all_recs for k, v in r["seconds"].items() if k != "stage1")
                    + sum(stage1.values()))
     dates = sorted(r.get("finished", "") for r in all_recs)
