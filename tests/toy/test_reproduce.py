@@ -198,7 +198,7 @@ def test_diagnosis_cells_change_one_thing_of_their_base(tmp_path):
         base = cells[c.base]
         assert not base.diagnosis and not base.ablation and (c.kind, c.M, c.H) == (base.kind, base.M, base.H)
         assert settings.seeds_of(c) == 2 and settings.seeds_of(base) == 3
-        assert sum(map(bool, (c.stage2_args, c.stage1_steps, c.stage1_lr, c.no_stage1))) == 1, c.key
+        assert sum(map(bool, (c.stage2_args, c.stage1_steps, c.stage1_lr, c.stage1_args, c.no_stage1))) == 1, c.key
         args = rep.stage2_args(c, tmp_path / "run", 0, 10, tmp_path / "init", None)
         base_args = rep.stage2_args(base, tmp_path / "run", 0, 10, tmp_path / "init", None)
         got, want = parse_overrides(args[2:]), parse_overrides(base_args[2:])  # after "--resume latest"
@@ -206,7 +206,7 @@ def test_diagnosis_cells_change_one_thing_of_their_base(tmp_path):
         assert changed == {a.split("=", 1)[0] for a in c.stage2_args}, (c.key, changed)
         if c.no_stage1:
             assert not any(a.startswith("init_student=") for a in rep.stage2_args(c, tmp_path / "r", 0, 10, None, None))
-        if c.stage1_steps or c.stage1_lr:
+        if c.stage1_steps or c.stage1_lr or c.stage1_args:
             assert c.stage1_key != base.stage1_key
             assert (reproduce.stage1_fingerprint(settings, c, "t")
                     != reproduce.stage1_fingerprint(settings, base, "t"))

@@ -132,6 +132,7 @@ class Cell:
     stage1_steps: int = 0          # stage-1 steps (0: Settings.stage1_steps)
     stage1_lr: float = 0.0         # stage-1 learning rate (0: Settings.stage1_lr)
     no_stage1: bool = False        # tmd: stage 2 starts from the student copied from the teacher (no stage 1)
+    stage1_args: tuple[str, ...] = ()  # extra stage-1 ``key=value`` overrides (after the recipe's: they win)
     stage2_args: tuple[str, ...] = ()  # extra stage-2 ``key=value`` overrides (after the recipe's: they win)
     diagnosis: str = ""            # a diagnosis cell: what it changes against ``base`` (a main cell's key)
     base: str = ""
@@ -140,7 +141,8 @@ class Cell:
     def stage1_key(self) -> str:
         key = f"{self.stage1_method}_H{self.H}_M{self.M}_{self.cfg_source}"
         key += f"_steps{self.stage1_steps}" if self.stage1_steps else ""
-        return key + (f"_lr{self.stage1_lr:g}" if self.stage1_lr else "")
+        key += f"_lr{self.stage1_lr:g}" if self.stage1_lr else ""
+        return key + "".join(f"_{a.replace('=', '')}" for a in self.stage1_args)
 
     def steps_label(self) -> str:
         return f"{self.M}×2" if self.kind == "teacher" else (f"{self.M}×(N={INNER_STEPS})" if self.kind == "tmd"
@@ -157,7 +159,7 @@ class Cell:
 ABLATION_BASE = "tmd_N2H1_M2"
 #: The fields of :class:`Cell` added after the first records: left out of the fingerprint at their defaults, so
 #: the records of the cells that do not use them stay valid.
-_LATER_FIELDS = ("stage1_steps", "stage1_lr", "no_stage1", "stage2_args", "diagnosis", "base")
+_LATER_FIELDS = ("stage1_steps", "stage1_lr", "no_stage1", "stage1_args", "stage2_args", "diagnosis", "base")
 
 
 def diagnosis_cells() -> list[Cell]:
@@ -193,6 +195,9 @@ def diagnosis_cells() -> list[Cell]:
              diagnosis="stage 1 four times longer (600 steps instead of 150)"),
         Cell("why_tmd_M2_s1lr2e-5", "TMD N2H1 M=2, stage-1 lr 2e-5", **tmd, stage1_lr=2e-5,
              diagnosis="stage 1 at learning rate 2e-5 instead of 2e-4"),
+        Cell("why_tmd_M2_s1cfg1", "TMD N2H1 M=2, stage 1 without CFG", **tmd, stage1_args=("objective.cfg_scale=1",),
+             diagnosis="stage 1 without guidance (objective.cfg_scale 1 instead of 3: the head learns the unguided "
+                       "transitions)"),
         Cell("why_tmd_M2_nostage1", "TMD N2H1 M=2, no stage 1", **tmd, no_stage1=True,
              diagnosis="no stage 1: stage 2 starts from the student copied from the teacher (its head "
                        "reproduces the teacher at init)"),
@@ -259,6 +264,8 @@ def fingerprint(settings: Settings, cell: Cell, teacher: str) -> str:
 def stage1_fingerprint(settings: Settings, cell: Cell, teacher: str) -> str:
     s = {"stage1_steps": cell.stage1_steps or settings.stage1_steps, "stage1_batch": settings.stage1_batch,
          "stage1_lr": cell.stage1_lr or settings.stage1_lr}
+    if cell.stage1_args:
+        s["stage1_args"] = list(cell.stage1_args)
     return hashlib.sha256(json.dumps({"s": s, "v": cell.stage1_key,
                                       "t": teacher}, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -383,7 +390,7 @@ class Reproduce:
             f"objective.inner_steps={INNER_STEPS}", f"objective.cfg_source={cell.cfg_source}",
             f"head_blocks={cell.H}", f"lr={cell.stage1_lr or s.stage1_lr}", f"batch_size={s.stage1_batch}",
             f"checkpoint_every={max(1, steps // 4)}",
-            f"synthetic_samples={max(1000, steps * s.stage1_batch)}"])
+            f"synthetic_samples={max(1000, steps * s.stage1_batch)}", *cell.stage1_args])
         seconds = time.perf_counter() - t0
         _drop_checkpoints(run_dir)
         write_json(done, {"fingerprint": fp, "seconds": round(seconds, 1)})
@@ -899,7 +906,8 @@ def write_report(out: Path, results: Path, report: Path, settings: Settings, cel
     all_recs = [r for v in records.values() for r in v]
     # a stage-1 run is shared by the cells of its variant: count its seconds once
     stage1 = {(r["cell_def"]["stage1_method"], r["cell_def"]["H"], r["cell_def"]["M"], r["cell_def"]["cfg_source"],
-               r["cell_def"].get("stage1_steps", 0), r["cell_def"].get("stage1_lr", 0.0), r["seed"]):
+               r["cell_def"].get("stage1_steps", 0), r["cell_def"].get("stage1_lr", 0.0),
+               tuple(r["cell_def"].get("stage1_args", ())), r["seed"]):
               r["seconds"].get("stage1", 0.0) for r in all_recs if r.get("kind") == "tmd"}
     run_seconds = (sum(v for r in all_recs for k, v in r["seconds"].items() if k != "stage1")
                    + sum(stage1.values()))
