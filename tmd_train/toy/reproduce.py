@@ -14,8 +14,8 @@ the evaluation prompts are fixed):
 * ablations of TMD N2H1 M = 2: stage 1 with plain TM instead of TM-MF, gradients through the last inner step
   only (``unroll=false``), stage-1 guidance from the teacher (``objective.cfg_source=teacher``);
 * diagnosis cells (:func:`diagnosis_cells`, ``diagnosis_seeds`` seeds): one change each to the stage-2 recipe of
-  DMD2-v M = 2 or TMD N2H1 M = 2 (learning rate, GAN term, batch) or to TMD's stage-1 length, to find out why
-  stage 2 does not pay off.
+  DMD2-v M = 2 or TMD N2H1 M = 2 (learning rate, GAN term, batch, fake-score updates, CFG of the real score) or
+  to TMD's stage 1 (length, learning rate, CFG, none), to find out why stage 2 does not pay off.
 
 Every stage runs through the real CLIs (:func:`tmd_train.toy.demo.run_stage`). A stage-1 run is shared by the
 cells that use it (one per seed and stage-1 variant). Stage 2 trains in ``curve_points`` chunks (``steps``
@@ -680,23 +680,21 @@ def findings(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]],
             lines.append(f"- Closest to the teacher (fidelity, the mean of the teacher-FD score and the attribute "
                          f"agreement): {by[best[0]].name}, {_fmt(best[1])}; the teacher's own fidelity from other "
                          f"noise is {_fmt(stats['teacher_full'].get('fidelity'))} (the ceiling).")
-    base = tot.get(ABLATION_BASE)
+    def versus(a: str, b: str) -> tuple[str, str]:
+        """The verdict of ``a`` against ``b`` (paired when possible) and the numbers behind it."""
+        diff, se, verdict = _compare(tot[a], tot[b])
+        pair = paired(records, a, b)
+        return (_paired_verdict(pair) or verdict, f"{_fmt(tot[a])} vs {_fmt(tot[b])}; unpaired "
+                f"{_diff_text(diff, se)}; paired by seed {_paired_text(pair)}")
+
     for c in cells:
-        if c.ablation and c.key in tot and base is not None:
-            diff, se, verdict = _compare(tot[ABLATION_BASE], tot[c.key])
-            pair = paired(records, ABLATION_BASE, c.key)
-            verdict = _paired_verdict(pair) or verdict
-            lines.append(f"- Ablation, {c.ablation}: the default recipe is {verdict} it ({_fmt(base)} vs "
-                         f"{_fmt(tot[c.key])}; unpaired {_diff_text(diff, se)}; paired by seed "
-                         f"{_paired_text(pair)}).")
+        if c.ablation and c.key in tot and ABLATION_BASE in tot:
+            verdict, numbers = versus(ABLATION_BASE, c.key)
+            lines.append(f"- Ablation, {c.ablation}: the default recipe is {verdict} it ({numbers}).")
     for c in cells:
         if c.diagnosis and c.key in tot and c.base in tot:
-            diff, se, verdict = _compare(tot[c.key], tot[c.base])
-            pair = paired(records, c.key, c.base)
-            verdict = _paired_verdict(pair) or verdict
-            lines.append(f"- Diagnosis, {c.name} ({c.diagnosis}): {verdict} {by[c.base].name} "
-                         f"({_fmt(tot[c.key])} vs {_fmt(tot[c.base])}; unpaired {_diff_text(diff, se)}; paired by "
-                         f"seed {_paired_text(pair)}).")
+            verdict, numbers = versus(c.key, c.base)
+            lines.append(f"- Diagnosis, {c.name} ({c.diagnosis}): {verdict} {by[c.base].name} ({numbers}).")
     moving, gains, peaked = [], [], []
     for key, recs in records.items():
         if by[key].kind == "teacher" or by[key].diagnosis:
@@ -707,7 +705,7 @@ def findings(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]],
             last = mean[-1] - mean[-2]
             if abs(last) > max(1.0, 0.25 * span):
                 moving.append(f"{by[key].name} ({last:+.1f} in the last {steps[-1] - steps[-2]} iterations)")
-            top = max(range(len(mean)), key=mean.__getitem__)
+            top = _peak(mean)
             if top < len(mean) - 1 and mean[top] - mean[-1] > 2.0:
                 peaked.append(f"{by[key].name} ({mean[top]:.1f} at {steps[top]}, {mean[-1]:.1f} at {steps[-1]})")
         if len(steps) >= 2:
@@ -732,12 +730,17 @@ def findings(cells: Sequence[Cell], stats: dict, records: dict[str, list[dict]],
     return "\n".join(lines)
 
 
+def _peak(values: Sequence[float]) -> int:
+    """Index of the first maximum."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def curve_summary(records: Sequence[dict]) -> str:
     """``start → peak (at iteration) → end`` of the mean learning curve."""
     steps, mean, _ = mean_curve(records)
     if len(steps) < 2:
         return "–"
-    top = max(range(len(mean)), key=mean.__getitem__)
+    top = _peak(mean)
     return f"{mean[0]:.1f} → {mean[top]:.1f} ({steps[top]}) → {mean[-1]:.1f}"
 
 
@@ -880,7 +883,9 @@ def update_readme(readme: Path, body: str) -> None:
         raise UserError(f"{readme} has no reproduce markers ({README_BEGIN!r} ... {README_END!r})")
     pre, rest = text.split(begin, 1)
     _, post = rest.split(README_END, 1)
-    readme.write_text(f"{pre}{README_BEGIN}\n{body}\n{README_END}{post}")
+    tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{pre}{README_BEGIN}\n{body}\n{README_END}{post}")
+    os.replace(tmp, readme)
 
 
 def write_report(out: Path, results: Path, report: Path, settings: Settings, cells: Sequence[Cell],
@@ -917,6 +922,9 @@ def write_report(out: Path, results: Path, report: Path, settings: Settings, cel
     s = settings
     grids = [c for c in cells if (results / "samples" / f"{c.key}.png").is_file() and c.key in stats]
     ignored = f"; stale or unreadable records ignored: {len(stale)}" if stale else ""
+    headline = results_table([c for c in cells if not c.ablation and not c.diagnosis], stats, layers)
+    ablations, diagnoses = ablation_table(cells, stats, records), diagnosis_table(cells, stats, records)
+    reading = findings(cells, stats, records, settings) or "- No finished runs yet."
     last = read_json(results / "last_run.json")
     wall = (f"{last['wall_seconds'] / 3600:.2f} h for the last invocation that ran cells (`{last['command']}`, "
             f"{last['runs']} run(s), finished {last['finished']})" if isinstance(last, dict) else "–")
@@ -940,22 +948,22 @@ TinyBench against {s.n_ref} real clips; teacher FD / agreement / fidelity agains
 
 ## Headline
 
-{results_table([c for c in cells if not c.ablation and not c.diagnosis], stats, layers)}
+{headline}
 
 ## Ablations (on TMD N2H1 M=2)
 
-{ablation_table(cells, stats, records)}
+{ablations}
 
 ## Diagnosis: why stage 2 does not pay off
 
 Each diagnosis cell changes one thing of a main cell's recipe ({min(s.seeds, s.diagnosis_seeds)} seeds). The curve
 column is the mean learning curve (n = {s.n_curve}): the initial generator, the best point and the last.
 
-{diagnosis_table(cells, stats, records)}
+{diagnoses}
 
 ## What the numbers support
 
-{findings(cells, stats, records, settings) or '- No finished runs yet.'}
+{reading}
 
 Differences are called "higher"/"lower" only beyond the two-sided 95 % Student-t threshold: t·s.e. of the
 difference of means over seeds with Welch's degrees of freedom (with 3 seeds a side, about 2.8 s.e.). The
@@ -1004,17 +1012,17 @@ Per cell (4 clips, frames left to right): {', '.join(f'[{c.key}]({rel}/samples/{
 {run_seconds / 3600:.2f} h of runs on a {os.cpu_count()}-core CPU).** Mean ± std over seeds, TinyBench on {s.n_eval}
 prompts; the full report with curves, plots and samples: [{rel_readme}]({rel_readme}).
 
-{results_table([c for c in cells if not c.ablation and not c.diagnosis], stats, layers)}
+{headline}
 
 Ablations of TMD N2H1 M = 2:
 
-{ablation_table(cells, stats, records)}
+{ablations}
 
 Diagnosis (one change to a main cell's recipe; curve: initial generator → best → last, n = {s.n_curve}):
 
-{diagnosis_table(cells, stats, records)}
+{diagnoses}
 
-{findings(cells, stats, records, settings) or '- No finished runs yet.'}"""
+{reading}"""
         update_readme(readme, body)
     for path in stale:
         print(f"ignored (stale settings or unreadable): {path}", file=sys.stderr)
