@@ -9,7 +9,12 @@ thread counts, the load average before and after each run and the torch version.
 On a shared machine the medians move with the load (a call preempted by another process waits a
 whole scheduler slice): ``--stat min`` reports the fastest of ``--reps`` calls instead, the time of
 a call that ran undisturbed, and ``--clock cpu`` the CPU time of the calling thread (meaningful with
-one thread only). Read the load columns."""
+one thread only). Read the load columns.
+
+``--malloc steady`` (the default) fixes glibc's heap thresholds first (``common.steady_malloc``): with
+the system default, the page faults of freshly trimmed heap pages, which vary from process to process
+with the order of earlier allocations, dominate fwd+bwd at these sizes (e.g. adaln_modulate fp32:
+150-1600 faults a call). ``--malloc system`` measures the default; the JSON records which."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -60,7 +65,8 @@ def markdown(result: dict) -> str:
     lines = [f"# CPU kernels vs eager and torch.compile ({result['date']})", "",
              f"{result['cpu']}, {os.cpu_count()} logical CPUs; torch {result['torch']}; "
              f"tmd_ext build {json.dumps(result['build_info'])}", "",
-             f"ms: {result['stat']} {result['clock']} time of {result['reps']} calls; "
+             f"ms: {result['stat']} {result['clock']} time of {result['reps']} calls, "
+             f"malloc {result.get('malloc', 'system')}; "
              "x eager / x compile: provider time over tmd time (> 1: tmd faster); "
              "load: 1-minute load average before / after the run.", ""]
     for run in result["runs"]:
@@ -103,7 +109,10 @@ def main() -> None:
     p.add_argument("--ops", default=",".join(OPS), help="comma list among " + ",".join(OPS))
     p.add_argument("--stat", choices=["median", "min"], default="median")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    p.add_argument("--malloc", choices=["steady", "system"], default="steady",
+                   help="steady: fix glibc's trim/mmap thresholds (no page faults from heap trimming)")
     args = p.parse_args()
+    malloc = "steady" if args.malloc == "steady" and common.steady_malloc() else "system"
     common.time_ms = timer(args.stat, args.clock)
     if args.device != "cpu":
         print("bench_cpu_twins: CPU only (pass --device cpu); nothing to do on", args.device)
@@ -127,7 +136,7 @@ def main() -> None:
         result = {"bench": "cpu_twins", "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                   "torch": torch.__version__, "date": now.isoformat(timespec="seconds"),
                   "build_info": tmd_ext.build_info(), "reps": args.reps or 10, "stat": args.stat,
-                  "clock": args.clock, "runs": runs}
+                  "clock": args.clock, "malloc": malloc, "runs": runs}
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"cpu-twins-{now:%Y%m%d-%H%M}.json"
         path.write_text(json.dumps(result, indent=1))

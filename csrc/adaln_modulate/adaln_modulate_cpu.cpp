@@ -59,12 +59,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward_cpu(const
   at::Tensor gc = grad_out.contiguous(), xc = x.contiguous(), scc = scale.contiguous();
   at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-  const int64_t rows_per_chunk = std::max<int64_t>(1, cpu_baseline::kGrainElems / D);
+  const int64_t rows_per_chunk = cpu_baseline::backward_rows_per_chunk(T, D);
   const int64_t n_chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
   const auto acc_opts = x.options().dtype(opmath_dtype(x.scalar_type()));
   at::Tensor grad_x = at::empty_like(xc);
-  at::Tensor partial_shift = at::zeros({B, n_chunks, D}, acc_opts);
-  at::Tensor partial_scale = at::zeros({B, n_chunks, D}, acc_opts);
+  // Every row of the partial sums is written by its chunk's first token (no zero fill).
+  at::Tensor partial_shift = at::empty({B, n_chunks, D}, acc_opts);
+  at::Tensor partial_scale = at::empty({B, n_chunks, D}, acc_opts);
   at::Tensor grad_shift = at::empty({B, D}, x.options());
   at::Tensor grad_scale = at::empty({B, D}, x.options());
   TMD_DISPATCH_FLOATING(x.scalar_type(), "adaln_modulate_backward_cpu", [&] {

@@ -8,6 +8,17 @@
 
 constexpr int64_t kGrainElems = 1 << 14;
 constexpr int kLanes = 32;
+// At most this many backward chunks per sample: enough tasks for any CPU, and partial column sums
+// of at most 2 x kMaxChunks x D opmath values per sample, instead of one pair of rows per
+// kGrainElems elements (T = 1024, D = 1536: 1.3 MB of partials, allocated and zeroed per call).
+constexpr int64_t kMaxChunks = 64;
+
+// Tokens per backward chunk: a function of the shape only (never of the thread count), so the
+// order of the column sums, and the result, is the same on every machine.
+inline int64_t backward_rows_per_chunk(int64_t T, int64_t D) {
+  const int64_t by_grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, D));
+  return std::max(by_grain, (T + kMaxChunks - 1) / kMaxChunks);
+}
 
 // Σ_d a[d] (kSquare: Σ_d (a[d] - shift)², kProduct: Σ_d a[d]·b[d]) in kLanes lanes.
 template <int kMode, typename acc_t>
@@ -68,30 +79,49 @@ void forward_kernel(const AdalnModulateParams<scalar_t, acc_t>& p) {
 }
 
 // grad_x of rows [t0, t1) of sample b, adding g and g·xhat into the chunk's partial column sums
-// ps, pk [D] (in token order). `gf`, `xh`, `gxh` [D] are scratch rows in acc_t.
+// ps, pk [D] (in token order). `sc1` [D] holds 1 + scale[b] in acc_t. Two passes per row, both
+// reading g and x: the first gathers the row sums Σ gxh, Σ gxh·xhat (kLanes lanes, the order of
+// lane_sum) and the column sums; the second, while the row is still in L1, writes grad_x. No
+// scratch row is written: the backward streams its inputs once and its output once.
 template <typename scalar_t, typename acc_t>
 void backward_rows(const AdalnModulateBackwardParams<scalar_t, acc_t>& p, int64_t b, int64_t t0, int64_t t1,
-                   acc_t* __restrict__ ps, acc_t* __restrict__ pk, acc_t* __restrict__ gf, acc_t* __restrict__ xh,
-                   acc_t* __restrict__ gxh) {
+                   acc_t* __restrict__ ps, acc_t* __restrict__ pk, const acc_t* __restrict__ sc1) {
   const int64_t D = p.dim;
-  const scalar_t* __restrict__ scale = p.scale + b * D;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t row = b * p.tokens + t;
     const scalar_t* __restrict__ g = p.grad_out + row * D;
     const scalar_t* __restrict__ x = p.x + row * D;
     scalar_t* __restrict__ gx = p.grad_x + row * D;
     const acc_t mean = p.mean[row], rstd = p.rstd[row];
-    for (int64_t d = 0; d < D; ++d) {
-      gf[d] = cpu::load(g[d]);
-      xh[d] = adaln_xhat<acc_t>(cpu::load(x[d]), mean, rstd);
-      gxh[d] = adaln_grad_xhat<acc_t>(gf[d], cpu::load(scale[d]));
+    acc_t l1[kLanes] = {}, l2[kLanes] = {};
+    if (t == t0) {  // the chunk's first token starts its partial column sums
+      std::fill(ps, ps + D, acc_t(0));
+      std::fill(pk, pk + D, acc_t(0));
     }
-    const acc_t m1 = lane_sum<kSum>(gxh, gxh, acc_t(0), D) / D;
-    const acc_t m2 = lane_sum<kDot>(gxh, xh, acc_t(0), D) / D;
-    for (int64_t d = 0; d < D; ++d) {
-      gx[d] = cpu::store<scalar_t>(adaln_grad_x_elem<acc_t>(gxh[d], xh[d], rstd, m1, m2));
-      ps[d] += gf[d];
-      pk[d] += gf[d] * xh[d];
+    auto gather = [&](int64_t d, int k) {
+      const acc_t gv = cpu::load(g[d]);
+      const acc_t xh = adaln_xhat<acc_t>(cpu::load(x[d]), mean, rstd);
+      const acc_t gxh = gv * sc1[d];
+      l1[k] += gxh;
+      l2[k] += gxh * xh;
+      ps[d] += gv;
+      pk[d] += gv * xh;
+    };
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      for (int k = 0; k < kLanes; ++k) gather(d + k, k);
+    }
+    for (int k = 0; d < D; ++d, ++k) gather(d, k);
+    for (int w = kLanes / 2; w > 0; w /= 2) {
+      for (int k = 0; k < w; ++k) {
+        l1[k] += l1[k + w];
+        l2[k] += l2[k + w];
+      }
+    }
+    const acc_t m1 = l1[0] / D, m2 = l2[0] / D;
+    for (int64_t e = 0; e < D; ++e) {
+      const acc_t xh = adaln_xhat<acc_t>(cpu::load(x[e]), mean, rstd);
+      gx[e] = cpu::store<scalar_t>(adaln_grad_x_elem<acc_t>(cpu::load(g[e]) * sc1[e], xh, rstd, m1, m2));
     }
   }
 }
@@ -104,12 +134,16 @@ void backward_kernel(const AdalnModulateBackwardParams<scalar_t, acc_t>& p, int6
                      scalar_t* grad_shift, scalar_t* grad_scale) {
   const int64_t D = p.dim, T = p.tokens, n_chunks = p.n_partials;
   at::parallel_for(0, p.batch * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(3 * D);
-    acc_t* gf = scratch.data();
+    std::vector<acc_t> sc1(D);
+    int64_t sc1_of = -1;  // the sample whose 1 + scale sc1 holds
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_chunks, t0 = (task % n_chunks) * rows_per_chunk;
+      if (b != sc1_of) {
+        for (int64_t d = 0; d < D; ++d) sc1[d] = acc_t(1) + cpu::load(p.scale[b * D + d]);
+        sc1_of = b;
+      }
       backward_rows(p, b, t0, std::min(T, t0 + rows_per_chunk), p.partial_shift + task * D,
-                    p.partial_scale + task * D, gf, gf + D, gf + 2 * D);
+                    p.partial_scale + task * D, sc1.data());
     }
   });
   // Column sums over the chunks, chunk by chunk (the order of the sum is that of the chunks),

@@ -39,32 +39,36 @@ void forward_kernel(const GatedFusionParams<scalar_t, z_t, acc_t>& p) {
   });
 }
 
+// One row of the backward. The pointers are parameters marked __restrict__ (GCC honours restrict on
+// parameters, not always on block-scope pointers): with all of them float (fp32), the loop written
+// inline in backward_task needed more run-time alias checks than GCC allows and stayed scalar
+// (1.6 ms instead of 0.5 ms at 1x1024x1536).
+template <bool kZ, bool kBias, typename scalar_t, typename z_t, typename acc_t, typename gz_t>
+void backward_row(int64_t dim, const scalar_t* __restrict__ g, const scalar_t* __restrict__ m,
+                  const z_t* __restrict__ z, const scalar_t* __restrict__ bias, const acc_t* __restrict__ lam,
+                  scalar_t* __restrict__ grad_m, gz_t* __restrict__ grad_z, acc_t* __restrict__ part) {
+  for (int64_t d = 0; d < dim; ++d) {
+    const acc_t zb = (kZ ? cpu::load(z[d]) : acc_t(0)) + (kBias ? cpu::load(bias[d]) : acc_t(0));
+    const GatedFusionElemGrads<acc_t> e = gated_fusion_elem_backward<acc_t>(cpu::load(g[d]), cpu::load(m[d]), zb, lam[d]);
+    grad_m[d] = cpu::store<scalar_t>(e.grad_m);
+    grad_z[d] = cpu::store<gz_t>(e.grad_z);
+    part[d] += e.p;
+  }
+}
+
 // Task i = (chunk c, sample b) owns the row partial[c,b,:], so no two tasks write the same memory
 // and the sum order (over the chunk's tokens, in order) is fixed by the chunking alone.
 template <bool kZ, bool kBias, typename scalar_t, typename z_t, typename acc_t, typename gz_t>
 void backward_task(const GatedFusionBackwardParams<scalar_t, z_t, acc_t, gz_t>& p, int64_t i) {
   const int64_t dim = p.dim;
   const int64_t c = i / p.batch, b = i % p.batch;
-  const acc_t* __restrict__ lam = p.lam + b * dim;
-  const scalar_t* __restrict__ bias = p.bias;
-  acc_t* __restrict__ part = p.partial + i * dim;  // [c, b, :]
+  acc_t* part = p.partial + i * dim;  // [c, b, :]
   std::fill(part, part + dim, acc_t(0));
   const int64_t t0 = c * p.chunk_tokens, t1 = std::min(p.tokens, t0 + p.chunk_tokens);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t base = (b * p.tokens + t) * dim;
-    const scalar_t* __restrict__ g = p.grad_out + base;
-    const scalar_t* __restrict__ m = p.m + base;
-    const z_t* __restrict__ z = kZ ? p.z + base : nullptr;
-    scalar_t* __restrict__ grad_m = p.grad_m + base;
-    gz_t* __restrict__ grad_z = p.grad_z + base;
-    for (int64_t d = 0; d < dim; ++d) {
-      const acc_t zb = (kZ ? cpu::load(z[d]) : acc_t(0)) + (kBias ? cpu::load(bias[d]) : acc_t(0));
-      const GatedFusionElemGrads<acc_t> e =
-          gated_fusion_elem_backward<acc_t>(cpu::load(g[d]), cpu::load(m[d]), zb, lam[d]);
-      grad_m[d] = cpu::store<scalar_t>(e.grad_m);
-      grad_z[d] = cpu::store<gz_t>(e.grad_z);
-      part[d] += e.p;
-    }
+    backward_row<kZ, kBias>(dim, p.grad_out + base, p.m + base, kZ ? p.z + base : nullptr, p.bias,
+                            p.lam + b * dim, p.grad_m + base, p.grad_z + base, part);
   }
 }
 

@@ -154,6 +154,28 @@ def test_backward_deterministic(device, gen):
             assert torch.equal(a, b)
 
 
+def test_cpu_backward_with_capped_chunks(gen):
+    """Per sample more tokens than 64 chunks of the CPU backward's grain (T·D > 64·16384): the chunks
+    grow past the grain (625 tokens here); grad_shift/grad_scale still equal the reference's column
+    sums, and 1 and 2 threads give the same bits."""
+    shape = (2, 40000, 33)
+    args = inputs(shape, torch.float32, "cpu", gen)
+    g = randn(*shape, gen=gen)
+    want = grads(reference.adaln_modulate, [a.double() for a in args], g.double(), 1e-6)
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(grads(tmd_ext.adaln_modulate, args, g, 1e-6))
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b, w in zip(("x", "shift", "scale"), *got, want, strict=True):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a.double(), w, atol=1e-4 * max(1.0, w.abs().max().item()), rtol=1e-4,
+                                   msg=lambda m, n=name: f"grad_{n}: {m}")
+
+
 def test_bad_input(gen):
     x, shift, scale = inputs((2, 3, 4), torch.float32, "cpu", gen)
     cases = [
