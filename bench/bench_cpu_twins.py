@@ -3,7 +3,7 @@ one token shape shared by all ops (default ``1x1024x1536``; ``gated_fusion_linea
 ``1x1024x512x512``, its GEMM being the cost), in bf16 and fp32, forward and forward+backward, under
 each thread count of ``--threads``. It reuses each op benchmark's ``add_cases`` (bench/bench_<op>.py),
 so the bytes models and providers are those of the op benchmarks. ``--save`` writes
-``bench/results/cpu-twins-<date>.json`` and a Markdown table next to it, with the machine, the
+``bench/results/cpu-twins-<malloc>-malloc-<date>.json`` and a Markdown table next to it, with the machine, the
 thread counts, the load average before and after each run and the torch version.
 
 On a shared machine the medians move with the load (a call preempted by another process waits a
@@ -138,7 +138,7 @@ def main() -> None:
                   "build_info": tmd_ext.build_info(), "reps": args.reps or 10, "stat": args.stat,
                   "clock": args.clock, "malloc": malloc, "runs": runs}
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"cpu-twins-{now:%Y%m%d-%H%M}.json"
+        path = RESULTS / f"cpu-twins-{malloc}-malloc-{now:%Y%m%d-%H%M%S}.json"
         path.write_text(json.dumps(result, indent=1))
         path.with_suffix(".md").write_text(markdown(result))
         print(f"saved {path} and {path.with_suffix('.md').name}")

@@ -40,4 +40,8 @@ TORCH_LIBRARY(tmd, m) {
   m.def("meanflow_fd_loss_delta(Tensor u, Tensor u_plus, Tensor u_minus, Tensor v, Tensor s, Tensor r, Tensor s_plus, Tensor s_minus, float c) -> (Tensor loss, Tensor mse, Tensor delta)");
   // Gradient w.r.t. u from the saved delta: grad_u = (2*grad_loss/(mse*d+c) + 2*grad_mse/d)[b] * delta, dtype of delta.
   m.def("meanflow_fd_loss_delta_backward(Tensor grad_loss, Tensor grad_mse, Tensor delta, Tensor mse, float c) -> Tensor grad_u");
+  // The same, written over delta (contiguous): the autograd backward's choice when delta is not needed again
+  // (no retain_graph, no create_graph), as a compiled graph reuses its saved buffer: no u-sized allocation,
+  // and each line is read and written back while in cache.
+  m.def("meanflow_fd_loss_delta_backward_(Tensor grad_loss, Tensor grad_mse, Tensor(a!) delta, Tensor mse, float c) -> ()");
 }

@@ -104,4 +104,12 @@ inline void meanflow_fd_loss_delta_backward_check(const at::Tensor& grad_loss, c
   TORCH_CHECK(std::isfinite(c) && c > 0, "c must be a finite number > 0, got ", c);
 }
 
+// meanflow_fd_loss_delta_backward_ writes over delta: it must be contiguous (a contiguous copy would
+// take the result and be thrown away).
+inline void meanflow_fd_loss_delta_backward_inplace_check(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
+                                                          const at::Tensor& delta, const at::Tensor& mse, double c) {
+  meanflow_fd_loss_delta_backward_check(grad_loss, grad_mse, delta, mse, c);
+  TORCH_CHECK(delta.is_contiguous(), "delta must be contiguous for the in-place backward (it receives grad_u)");
+}
+
 }  // namespace tmd

@@ -90,21 +90,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meanflow_fd_loss_delta_cpu(
   return meanflow_fd_loss_forward_cpu(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c, true);
 }
 
-at::Tensor meanflow_fd_loss_delta_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
-                                               const at::Tensor& delta, const at::Tensor& mse, double c) {
-  meanflow_fd_loss_delta_backward_check(grad_loss, grad_mse, delta, mse, c);
-  const at::ScalarType acc = delta.scalar_type();
+// grad_u = scale_b * delta into grad_u (contiguous; may be dc itself).
+void delta_backward_into_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_mse, const at::Tensor& dc,
+                             const at::Tensor& mse, double c, at::Tensor& grad_u) {
+  const at::ScalarType acc = dc.scalar_type();
   const at::Tensor gl = grad_loss.to(acc).contiguous(), gm = grad_mse.to(acc).contiguous();
-  const at::Tensor msec = mse.to(acc).contiguous(), dc = delta.contiguous();
-  at::Tensor grad_u = at::empty_like(dc);
-  const int64_t batch = delta.size(0), per = delta.numel() / batch;
+  const at::Tensor msec = mse.to(acc).contiguous();
+  const int64_t batch = dc.size(0), per = dc.numel() / batch;
   AT_DISPATCH_FLOATING_TYPES(acc, "meanflow_fd_loss_delta_backward_cpu", [&] {
     const MeanflowFdLossDeltaBackwardParams<scalar_t> p{
         gl.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), msec.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
         grad_u.data_ptr<scalar_t>(), batch, per, static_cast<scalar_t>(c)};
     TMD_CPU_CALL(delta_backward_kernel, p);
   });
+}
+
+at::Tensor meanflow_fd_loss_delta_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
+                                               const at::Tensor& delta, const at::Tensor& mse, double c) {
+  meanflow_fd_loss_delta_backward_check(grad_loss, grad_mse, delta, mse, c);
+  const at::Tensor dc = delta.contiguous();
+  at::Tensor grad_u = at::empty_like(dc);
+  delta_backward_into_cpu(grad_loss, grad_mse, dc, mse, c, grad_u);
   return grad_u;
+}
+
+void meanflow_fd_loss_delta_backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
+                                                 at::Tensor& delta, const at::Tensor& mse, double c) {
+  meanflow_fd_loss_delta_backward_inplace_check(grad_loss, grad_mse, delta, mse, c);
+  delta_backward_into_cpu(grad_loss, grad_mse, delta, mse, c, delta);
 }
 
 at::Tensor meanflow_fd_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
@@ -139,6 +152,7 @@ TORCH_LIBRARY_IMPL(tmd, CPU, m) {
   m.impl("meanflow_fd_loss_backward", &meanflow_fd_loss_backward_cpu);
   m.impl("meanflow_fd_loss_delta", &meanflow_fd_loss_delta_cpu);
   m.impl("meanflow_fd_loss_delta_backward", &meanflow_fd_loss_delta_backward_cpu);
+  m.impl("meanflow_fd_loss_delta_backward_", &meanflow_fd_loss_delta_backward_inplace_cpu);
 }
 
 }  // namespace tmd

@@ -84,15 +84,22 @@ void forward_partials(const MeanflowFdLossParams<scalar_t, acc_t>& p, acc_t* par
   }
 }
 
-// grad_u = scale_b * delta from the saved delta: one read, one write.
+// grad_u = scale_b * delta from the saved delta: one read, one write. grad_u may be delta itself
+// (meanflow_fd_loss_delta_backward_), which takes the one-pointer loop.
 template <typename acc_t>
 void delta_backward_kernel(const MeanflowFdLossDeltaBackwardParams<acc_t>& p) {
   const int64_t per = p.per_sample;
+  const bool in_place = p.grad_u == p.delta;
   for_each_chunk(p.batch, per, [&](int64_t, int64_t b, int64_t lo, int64_t hi) {
     const acc_t scale = meanflow_fd_grad_scale(p.grad_loss[b], p.grad_mse[b], p.mse[b], static_cast<acc_t>(per), p.c);
-    const acc_t* __restrict__ delta = p.delta;
-    acc_t* __restrict__ grad_u = p.grad_u;
-    for (int64_t i = lo; i < hi; ++i) grad_u[i] = scale * delta[i];
+    if (in_place) {
+      acc_t* __restrict__ delta = p.grad_u;
+      for (int64_t i = lo; i < hi; ++i) delta[i] = scale * delta[i];
+    } else {
+      const acc_t* __restrict__ delta = p.delta;
+      acc_t* __restrict__ grad_u = p.grad_u;
+      for (int64_t i = lo; i < hi; ++i) grad_u[i] = scale * delta[i];
+    }
   });
 }
 

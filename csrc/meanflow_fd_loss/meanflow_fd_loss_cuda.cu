@@ -264,15 +264,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meanflow_fd_loss_delta_cuda(
   return meanflow_fd_loss_forward_cuda(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c, true);
 }
 
-at::Tensor meanflow_fd_loss_delta_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
-                                                const at::Tensor& delta, const at::Tensor& mse, double c) {
-  meanflow_fd_loss_delta_backward_check(grad_loss, grad_mse, delta, mse, c);
-  const c10::cuda::CUDAGuard guard(delta.device());
-  const at::ScalarType acc = delta.scalar_type();
+// grad_u = scale_b * delta into grad_u (contiguous; may be dc itself: each thread reads its elements
+// before it writes them, and no other thread touches them).
+void delta_backward_into_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_mse, const at::Tensor& dc,
+                              const at::Tensor& mse, double c, at::Tensor& grad_u) {
+  const c10::cuda::CUDAGuard guard(dc.device());
+  const at::ScalarType acc = dc.scalar_type();
   const at::Tensor gl = grad_loss.to(acc).contiguous(), gm = grad_mse.to(acc).contiguous();
-  const at::Tensor msec = mse.to(acc).contiguous(), dc = delta.contiguous();
-  at::Tensor grad_u = at::empty_like(dc);
-  const int64_t batch = delta.size(0), per = delta.numel() / batch;
+  const at::Tensor msec = mse.to(acc).contiguous();
+  const int64_t batch = dc.size(0), per = dc.numel() / batch;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, "meanflow_fd_loss_delta_backward_cuda", [&] {
     const MeanflowFdLossDeltaBackwardParams<scalar_t> p{
@@ -287,7 +287,21 @@ at::Tensor meanflow_fd_loss_delta_backward_cuda(const at::Tensor& grad_loss, con
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor meanflow_fd_loss_delta_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
+                                                const at::Tensor& delta, const at::Tensor& mse, double c) {
+  meanflow_fd_loss_delta_backward_check(grad_loss, grad_mse, delta, mse, c);
+  const at::Tensor dc = delta.contiguous();
+  at::Tensor grad_u = at::empty_like(dc);
+  delta_backward_into_cuda(grad_loss, grad_mse, dc, mse, c, grad_u);
   return grad_u;
+}
+
+void meanflow_fd_loss_delta_backward_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
+                                                  at::Tensor& delta, const at::Tensor& mse, double c) {
+  meanflow_fd_loss_delta_backward_inplace_check(grad_loss, grad_mse, delta, mse, c);
+  delta_backward_into_cuda(grad_loss, grad_mse, delta, mse, c, delta);
 }
 
 at::Tensor meanflow_fd_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_mse,
@@ -332,6 +346,7 @@ TORCH_LIBRARY_IMPL(tmd, CUDA, m) {
   m.impl("meanflow_fd_loss_backward", &meanflow_fd_loss_backward_cuda);
   m.impl("meanflow_fd_loss_delta", &meanflow_fd_loss_delta_cuda);
   m.impl("meanflow_fd_loss_delta_backward", &meanflow_fd_loss_delta_backward_cuda);
+  m.impl("meanflow_fd_loss_delta_backward_", &meanflow_fd_loss_delta_backward_inplace_cuda);
 }
 
 }  // namespace tmd

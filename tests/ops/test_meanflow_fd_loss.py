@@ -225,6 +225,61 @@ def test_opcheck_delta(device, dtype, gen):
     _, mse, delta = torch.ops.tmd.meanflow_fd_loss_delta(*(a.detach() for a in args), 4.0)
     gl, gm = (torch.rand(b, generator=gen).to(device) for _ in range(2))
     torch.library.opcheck(torch.ops.tmd.meanflow_fd_loss_delta_backward.default, (gl, gm, delta, mse, 4.0))
+    if delta.dtype == _acc(dtype):
+        torch.library.opcheck(torch.ops.tmd.meanflow_fd_loss_delta_backward_.default, (gl, gm, delta.clone(), mse, 4.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inplace_delta_backward(device, dtype, gen):
+    """The in-place backward writes over Δ the same bits the out-of-place one returns; a non-contiguous Δ
+    is refused (a contiguous copy would take the result)."""
+    args = inputs((3, 5, 3, 31, 37), dtype, device, gen)
+    _, mse, delta = torch.ops.tmd.meanflow_fd_loss_delta(*args, 9.0)
+    gl, gm = (torch.rand(3, generator=gen, dtype=dtype).to(device) + 0.5 for _ in range(2))
+    want = torch.ops.tmd.meanflow_fd_loss_delta_backward(gl, gm, delta, mse, 9.0)
+    buf = delta.clone()
+    assert torch.ops.tmd.meanflow_fd_loss_delta_backward_(gl, gm, buf, mse, 9.0) is None
+    assert torch.equal(buf, want) and not torch.equal(buf, delta)
+    with pytest.raises(RuntimeError, match="delta must be contiguous"):
+        torch.ops.tmd.meanflow_fd_loss_delta_backward_(gl, gm, delta.transpose(1, 2), mse, 9.0)
+
+
+def test_autograd_writes_grad_over_delta_only_when_delta_is_dead(gen, monkeypatch):
+    """A plain backward takes the in-place op; retain_graph=True and create_graph=True take the
+    out-of-place one (Δ is used again), and a second retained backward gives the same gradient."""
+    calls = []
+    for name in ("meanflow_fd_loss_delta_backward", "meanflow_fd_loss_delta_backward_"):
+        op = getattr(torch.ops.tmd, name)
+        monkeypatch.setattr(torch.ops.tmd, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    args = inputs((2, 3, 4, 5), torch.float32, "cpu", gen, requires_grad=True)
+    u = args[0]
+    _, _, g_ref = grads_of(reference.meanflow_fd_loss, args, 2.0, torch.ones(2), torch.full((2,), 0.5))
+
+    def total():
+        loss, mse = tmd_ext.meanflow_fd_loss(*args, 2.0)
+        return loss.sum() + 0.5 * mse.sum()
+
+    (g,) = torch.autograd.grad(total(), [u])
+    assert calls == ["meanflow_fd_loss_delta_backward_"]
+    torch.testing.assert_close(g, g_ref)
+    calls.clear()
+    y = total()
+    first = torch.autograd.grad(y, [u], retain_graph=True)[0]
+    second = torch.autograd.grad(y, [u])[0]
+    assert calls == ["meanflow_fd_loss_delta_backward", "meanflow_fd_loss_delta_backward_"]
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, g_ref)
+    calls.clear()
+    (g2,) = torch.autograd.grad(total(), [u], create_graph=True)
+    assert "meanflow_fd_loss_delta_backward_" not in calls
+    torch.testing.assert_close(g2, g_ref)
+    calls.clear()
+    loss, mse, delta = torch.ops.tmd.meanflow_fd_loss_delta(*args, 2.0)  # the op's caller holds Δ
+    before = delta.clone()
+    (g3,) = torch.autograd.grad(loss.sum() + 0.5 * mse.sum(), [u])
+    assert calls == ["meanflow_fd_loss_delta_backward"] and torch.equal(delta, before)
+    torch.testing.assert_close(g3, g_ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -396,6 +451,8 @@ def test_bad_input(gen):
     for args, name in delta_cases:
         with pytest.raises(RuntimeError, match=name):
             torch.ops.tmd.meanflow_fd_loss_delta_backward(*args)
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.tmd.meanflow_fd_loss_delta_backward_(*args)
 
 
 @pytest.mark.cuda

@@ -73,7 +73,7 @@ def meanflow_fd_loss(u: torch.Tensor, u_plus: torch.Tensor, u_minus: torch.Tenso
         return reference.meanflow_fd_loss(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c)
     if u.dtype in _SAVE_DELTA_DTYPES and u.requires_grad and torch.is_grad_enabled():
         # fp32/fp64: keep Δ (exact in the input dtype) so that the backward reads one tensor, not four
-        loss, mse, _ = torch.ops.tmd.meanflow_fd_loss_delta(u, u_plus, u_minus, v, s, r, s_plus, s_minus, float(c))
+        loss, mse, _ = _PrivateDelta.apply(u, u_plus, u_minus, v, s, r, s_plus, s_minus, float(c))
         return loss, mse
     return torch.ops.tmd.meanflow_fd_loss(u, u_plus, u_minus, v, s, r, s_plus, s_minus, float(c))
 
@@ -103,6 +103,11 @@ def _(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c):
 @torch.library.register_fake("tmd::meanflow_fd_loss_delta_backward")
 def _(grad_loss, grad_mse, delta, mse, c):
     return torch.empty_like(delta, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("tmd::meanflow_fd_loss_delta_backward_")
+def _(grad_loss, grad_mse, delta, mse, c):
+    return None
 
 
 @torch.library.register_fake("tmd::meanflow_fd_loss_backward")
@@ -144,7 +149,7 @@ def _setup_context_delta(ctx, inputs, output):
     ctx.c = inputs[8]
     # Δ is an output for the backward's sake only: non-differentiable, and no zero gradient of u's size is
     # materialised for it on every backward (a 6 MB fill at 1x1024x1536 fp32, 0.15 ms); the [B] gradients
-    # of loss and mse are filled in _backward_delta when only one of them is used.
+    # of loss and mse are filled in _delta_backward when only one of them is used.
     ctx.mark_non_differentiable(output[2])
     ctx.set_materialize_grads(False)
     ctx.u_dtype = inputs[0].dtype
@@ -152,6 +157,14 @@ def _setup_context_delta(ctx, inputs, output):
 
 
 def _backward_delta(ctx, grad_loss, grad_mse, _grad_delta):
+    # The op's caller holds Δ (an output): never written over.
+    return _delta_backward(ctx, grad_loss, grad_mse, may_overwrite=False)
+
+
+def _delta_backward(ctx, grad_loss, grad_mse, may_overwrite: bool):
+    """grad_u from the saved Δ (``ctx.saved_tensors`` = the 8 inputs, mse, Δ). With ``may_overwrite`` (Δ is
+    private to the caller) and Δ dead after this backward, grad_u is written over Δ, as a compiled graph
+    reuses its saved buffer: no u-sized allocation, each line read and written back while cached."""
     *inputs, mse, delta = ctx.saved_tensors
     if grad_loss is None and grad_mse is None:
         return (None,) * 9
@@ -162,7 +175,42 @@ def _backward_delta(ctx, grad_loss, grad_mse, _grad_delta):
         return (torch.ops.tmd.meanflow_fd_loss_delta_backward(grad_loss, grad_mse, delta, mse, ctx.c)
                 .to(ctx.u_dtype),)
 
+    # _eager first: dynamo (tracing this backward) must not reach the graph-task query
+    if (may_overwrite and _eager(delta) and not higher_order.recording() and _last_use_of_saved_tensors()
+            and delta.dtype == ctx.u_dtype):
+        torch.ops.tmd.meanflow_fd_loss_delta_backward_(grad_loss, grad_mse, delta, mse, ctx.c)
+        return (delta,) + (None,) * 8
     return _grad_u(ctx, kernel, inputs, grad_loss, grad_mse)
+
+
+def _eager(t: torch.Tensor) -> bool:
+    """A plain tensor outside any tracing (a traced backward must not mutate what it saved: AOTAutograd
+    traces the backward in a graph task of its own, which keeps nothing)."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None)
+
+
+def _last_use_of_saved_tensors() -> bool:
+    """Whether the running backward frees the graph's saved tensors after it (no ``retain_graph``, no
+    ``create_graph``). False outside a backward (e.g. while a graph is traced for ``torch.compile``)."""
+    return not torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+class _PrivateDelta(torch.autograd.Function):
+    """The public function's fp32/fp64 path: ``tmd::meanflow_fd_loss_delta`` called where Δ never reaches
+    the caller, so the backward may write grad_u over it (``_delta_backward(may_overwrite=True)``)."""
+
+    @staticmethod
+    def forward(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c):
+        return torch.ops.tmd.meanflow_fd_loss_delta(u, u_plus, u_minus, v, s, r, s_plus, s_minus, float(c))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context_delta(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_mse, _grad_delta):
+        return _delta_backward(ctx, grad_loss, grad_mse, may_overwrite=True)
 
 
 torch.library.register_autograd("tmd::meanflow_fd_loss_delta", _backward_delta, setup_context=_setup_context_delta)
