@@ -14,15 +14,25 @@ one thread only). Read the load columns.
 ``--malloc steady`` (the default) fixes glibc's heap thresholds first (``common.steady_malloc``): with
 the system default, the page faults of freshly trimmed heap pages, which vary from process to process
 with the order of earlier allocations, dominate fwd+bwd at these sizes (e.g. adaln_modulate fp32:
-150-1600 faults a call). ``--malloc system`` measures the default; the JSON records which."""
+150-1600 faults a call). ``--malloc system`` measures the default; the JSON records which.
+
+``--processes N`` runs the whole benchmark in N fresh processes, one after another, and reports each cell's
+median time over them (the JSON keeps every process's rows; the Markdown gives the range of the ratios):
+the same cell moves by up to ±30 % from one process to the next on an idle machine (where a process's
+buffers land), so one process's fastest call is not a measurement."""
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import bench_adaln_modulate
 import bench_flow_step
@@ -67,7 +77,9 @@ def markdown(result: dict) -> str:
              f"tmd_ext build {json.dumps(result['build_info'])}", "",
              f"ms: {result['stat']} {result['clock']} time of {result['reps']} calls, "
              f"malloc {result.get('malloc', 'system')}; "
-             "x eager / x compile: provider time over tmd time (> 1: tmd faster); "
+             + (f"median over {result['processes']} processes (x compile: range over them in brackets); "
+                if result.get("processes", 1) > 1 else "")
+             + "x eager / x compile: provider time over tmd time (> 1: tmd faster); "
              "load: 1-minute load average before / after the run.", ""]
     for run in result["runs"]:
         lines += [f"## {run['threads']} thread(s), op {run['op']}, load {run['load_before']:.2f} / "
@@ -76,11 +88,13 @@ def markdown(result: dict) -> str:
         by_case: dict[str, dict[str, float]] = {}
         for r in run["rows"]:
             by_case.setdefault(r["case"], {})[r["provider"]] = r["ms"]
+        spread = run.get("compile_ratio_range", {})
         for case, ms in by_case.items():
             t, e, c = ms.get("tmd"), ms.get("eager"), ms.get("compile")
             fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
             ratio = lambda v: f"{v / t:.2f}" if v is not None and t else "-"  # noqa: E731
-            lines.append(f"| {case} | {fmt(t)} | {fmt(e)} | {fmt(c)} | {ratio(e)} | {ratio(c)} |")
+            rng = f" ({spread[case][0]:.2f}–{spread[case][1]:.2f})" if case in spread else ""
+            lines.append(f"| {case} | {fmt(t)} | {fmt(e)} | {fmt(c)} | {ratio(e)} | {ratio(c)}{rng} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -111,7 +125,14 @@ def main() -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     p.add_argument("--malloc", choices=["steady", "system"], default="steady",
                    help="steady: fix glibc's trim/mmap thresholds (no page faults from heap trimming)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run in N fresh processes and report the median of each cell (see above)")
+    p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)  # a child process's rows
     args = p.parse_args()
+    if args.processes < 1:
+        p.error(f"--processes must be >= 1, got {args.processes}")
+    if args.processes > 1:
+        return _over_processes(args)
     malloc = "steady" if args.malloc == "steady" and common.steady_malloc() else "system"
     common.time_ms = timer(args.stat, args.clock)
     if args.device != "cpu":
@@ -131,17 +152,60 @@ def main() -> None:
             print(f"load average {load_before:.2f} -> {load_after:.2f}")
             runs.append({"op": op, "threads": threads, "load_before": load_before, "load_after": load_after,
                          "rows": table.rows})
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"malloc": malloc, "runs": runs}))
     if args.save:
-        now = _dt.datetime.now(_dt.timezone.utc)
-        result = {"bench": "cpu_twins", "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
-                  "torch": torch.__version__, "date": now.isoformat(timespec="seconds"),
-                  "build_info": tmd_ext.build_info(), "reps": args.reps or 10, "stat": args.stat,
-                  "clock": args.clock, "malloc": malloc, "runs": runs}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"cpu-twins-{malloc}-malloc-{now:%Y%m%d-%H%M%S}.json"
-        path.write_text(json.dumps(result, indent=1))
-        path.with_suffix(".md").write_text(markdown(result))
-        print(f"saved {path} and {path.with_suffix('.md').name}")
+        _save(args, malloc, runs)
+
+
+def _save(args, malloc: str, runs: list[dict], processes: int = 1, per_process: list | None = None) -> None:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    result = {"bench": "cpu_twins", "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+              "torch": torch.__version__, "date": now.isoformat(timespec="seconds"),
+              "build_info": tmd_ext.build_info(), "reps": args.reps or 10, "stat": args.stat,
+              "clock": args.clock, "malloc": malloc, "processes": processes, "runs": runs}
+    if per_process is not None:
+        result["per_process"] = per_process
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"cpu-twins-{malloc}-malloc-{now:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(markdown(result))
+    print(f"saved {path} and {path.with_suffix('.md').name}")
+
+
+def _over_processes(args) -> None:
+    """--processes N: N children of this script (one process each), then the median of every cell."""
+    argv = [a for a in sys.argv[1:] if a != "--save"]
+    children = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.processes):
+            out = Path(tmp) / f"p{k}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--processes", "1", "--json-out", str(out)]
+            print(f"process {k + 1}/{args.processes}", flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            children.append(json.loads(out.read_text()))
+    runs = []
+    for i, first in enumerate(children[0]["runs"]):
+        rows, spread = [], {}
+        for j, row in enumerate(first["rows"]):
+            times = [child["runs"][i]["rows"][j]["ms"] for child in children]
+            rows.append({**row, "ms": statistics.median(times), "ms_per_process": times})
+        by_case: dict[str, dict[str, list[float]]] = {}
+        for row in rows:
+            by_case.setdefault(row["case"], {})[row["provider"]] = row["ms_per_process"]
+        for case, ms in by_case.items():
+            if "compile" in ms and "tmd" in ms:
+                ratios = [c / t for c, t in zip(ms["compile"], ms["tmd"], strict=True)]
+                spread[case] = (min(ratios), max(ratios))
+        runs.append({**first, "rows": rows, "compile_ratio_range": spread,
+                     "load_before": min(c["runs"][i]["load_before"] for c in children),
+                     "load_after": max(c["runs"][i]["load_after"] for c in children)})
+    result = {"processes": args.processes, "malloc": children[0]["malloc"], "runs": runs, "stat": args.stat,
+              "clock": args.clock, "reps": args.reps or 10, "date": "", "cpu": cpu_model(), "torch": torch.__version__,
+              "build_info": tmd_ext.build_info()}
+    print(markdown(result))
+    if args.save:
+        _save(args, children[0]["malloc"], runs, args.processes, [c["runs"] for c in children])
 
 
 if __name__ == "__main__":
