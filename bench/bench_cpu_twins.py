@@ -155,17 +155,23 @@ def main() -> None:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"malloc": malloc, "runs": runs}))
     if args.save:
-        _save(args, malloc, runs)
+        _save(_result(args, malloc, runs))
 
 
-def _save(args, malloc: str, runs: list[dict], processes: int = 1, per_process: list | None = None) -> None:
-    now = _dt.datetime.now(_dt.timezone.utc)
+def _result(args, malloc: str, runs: list[dict], processes: int = 1, per_process: list | None = None) -> dict:
+    """The record that --save writes and markdown() formats."""
     result = {"bench": "cpu_twins", "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
-              "torch": torch.__version__, "date": now.isoformat(timespec="seconds"),
+              "torch": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "build_info": tmd_ext.build_info(), "reps": args.reps or 10, "stat": args.stat,
               "clock": args.clock, "malloc": malloc, "processes": processes, "runs": runs}
     if per_process is not None:
         result["per_process"] = per_process
+    return result
+
+
+def _save(result: dict) -> None:
+    now = _dt.datetime.fromisoformat(result["date"])
+    malloc = result["malloc"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"cpu-twins-{malloc}-malloc-{now:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(result, indent=1))
@@ -200,12 +206,10 @@ def _over_processes(args) -> None:
         runs.append({**first, "rows": rows, "compile_ratio_range": spread,
                      "load_before": min(c["runs"][i]["load_before"] for c in children),
                      "load_after": max(c["runs"][i]["load_after"] for c in children)})
-    result = {"processes": args.processes, "malloc": children[0]["malloc"], "runs": runs, "stat": args.stat,
-              "clock": args.clock, "reps": args.reps or 10, "date": "", "cpu": cpu_model(), "torch": torch.__version__,
-              "build_info": tmd_ext.build_info()}
+    result = _result(args, children[0]["malloc"], runs, args.processes, [c["runs"] for c in children])
     print(markdown(result))
     if args.save:
-        _save(args, children[0]["malloc"], runs, args.processes, [c["runs"] for c in children])
+        _save(result)
 
 
 if __name__ == "__main__":

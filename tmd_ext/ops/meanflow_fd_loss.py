@@ -202,11 +202,9 @@ class _PrivateDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c):
-        return torch.ops.tmd.meanflow_fd_loss_delta(u, u_plus, u_minus, v, s, r, s_plus, s_minus, float(c))
+        return torch.ops.tmd.meanflow_fd_loss_delta(u, u_plus, u_minus, v, s, r, s_plus, s_minus, c)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context_delta(ctx, inputs, output)
+    setup_context = staticmethod(_setup_context_delta)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_mse, _grad_delta):
